@@ -1,0 +1,22 @@
+"""Train once with the configured hyperparameters and register the best epoch. `python -m jobs.train [overrides]`"""
+
+import hydra
+
+from orchestrator.config import register_configs, to_config
+from orchestrator.pipeline import connected, print_summary, register_run
+from orchestrator.train import run_train
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(dcfg) -> None:
+    cfg = to_config(dcfg)
+    with connected(cfg):
+        result = run_train(cfg)
+        version = register_run(cfg, result, {"kind": "train", "run": result.run_path})
+    print_summary({"model": version.model, "version": version.version, "val_accuracy": result.metrics["val_accuracy"], "epoch": result.metrics["epoch"]})
+
+
+if __name__ == "__main__":
+    main()

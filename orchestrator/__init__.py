@@ -1,0 +1,42 @@
+"""Orchestrator: PyTorch on Ray from data to an autoscaled HTTP endpoint.
+
+A driver script needs only this module:
+
+    import orchestrator as orc
+    cfg = orc.PipelineConfig(train=orc.TrainConfig(epochs=5), serve=orc.ServeConfig(block=False))
+    with orc.connected(cfg):
+        result = orc.run_pipeline(cfg)
+    print(result.summary())
+
+Names are imported on first use, so `import orchestrator.config` stays light (no Ray, no torch).
+"""
+
+import importlib
+
+_EXPORTS = {
+    "orchestrator.config": [
+        "DataConfig", "ModelConfig", "ParallelConfig", "PipelineConfig", "RegistryConfig", "ScalingConfig",
+        "ServeConfig", "StorageConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "to_config", "with_overrides",
+    ],
+    "orchestrator.data": ["DatasetInfo", "load_split", "prepare_dataset"],
+    "orchestrator.models": ["StagedModel", "build_model"],
+    "orchestrator.pipeline": ["PipelineResult", "connected", "register_run", "register_sweep", "run_pipeline"],
+    "orchestrator.registry": ["IntegrityError", "ModelRegistry", "ModelVersion", "RegistryError"],
+    "orchestrator.serving": ["DeployResult", "build_app", "check_endpoint", "run_deploy"],
+    "orchestrator.sweep": ["SweepResult", "run_sweep"],
+    "orchestrator.train": ["TrainResult", "run_train"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

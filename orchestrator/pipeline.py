@@ -1,0 +1,122 @@
+"""The main flow: data -> sweep -> register -> deploy -> check, and the registration step shared by jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator
+
+import numpy as np
+
+from orchestrator.config import PipelineConfig, to_dict, with_overrides
+from orchestrator.data import load_split, prepare_dataset
+from orchestrator.registry import ModelRegistry, ModelVersion, signature_for
+from orchestrator.runtime import ensure_ray
+from orchestrator.serving import DeployResult, check_endpoint, run_deploy
+from orchestrator.sweep import SweepResult, run_sweep
+from orchestrator.train import TrainResult, checkpoint_weights
+
+log = logging.getLogger(__name__)
+
+CHECK_ROWS = 64
+
+
+@dataclass(kw_only=True)
+class PipelineResult:
+    sweep: SweepResult
+    version: ModelVersion
+    deployment: DeployResult
+    endpoint_accuracy: float
+    """Accuracy of the labels the live endpoint returned for CHECK_ROWS val rows."""
+
+    def summary(self) -> Dict[str, Any]:
+        """The job's final JSON line."""
+        return {
+            "model": self.version.model,
+            "version": self.version.version,
+            "val_accuracy": round(float(self.version.metrics["val_accuracy"]), 4),
+            "best_config": self.sweep.best_overrides,
+            "endpoint": self.deployment.endpoint,
+            "endpoint_check_accuracy": round(self.endpoint_accuracy, 4),
+        }
+
+
+@contextlib.contextmanager
+def connected(cfg: PipelineConfig, *, keep: bool = False) -> Iterator[None]:
+    """Connect to Ray for the duration of a job; shut down an embedded Ray we started unless `keep`."""
+    import ray
+
+    started = ensure_ray(cfg.scaling)
+    try:
+        yield
+    finally:
+        if started and not keep:
+            ray.shutdown()
+
+
+def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, Any]) -> ModelVersion:
+    """Register `result`'s best checkpoint as the next version of `cfg.registry.model_name`.
+
+    `cfg` must be the configuration the run trained with (a sweep's best trial: base + overrides);
+    it is recorded in full so the version can be rebuilt and served.
+    """
+    info = result.data
+    registry = ModelRegistry(cfg.storage.root)
+    version = registry.register(
+        cfg.registry.model_name,
+        checkpoint_weights(cfg.storage.root, result.checkpoint_path),
+        metrics={**result.metrics, "history": result.history},
+        config=to_dict(cfg),
+        lineage={**lineage, "checkpoint": result.checkpoint_path, "data_digest": info.digest, "data_url": info.url},
+        signature=signature_for(info.input_shape, info.num_classes),
+    )
+    if cfg.registry.promote_alias:
+        registry.set_alias(cfg.registry.model_name, cfg.registry.promote_alias, version.version)
+    log.info("registered %s v%d (val_accuracy %.4f)", version.model, version.version, result.metrics["val_accuracy"])
+    return version
+
+
+def register_sweep(cfg: PipelineConfig, sweep: SweepResult) -> ModelVersion:
+    """Register the best trial of `sweep`, with its sampled values applied to the recorded config."""
+    best_cfg = with_overrides(cfg, sweep.best_overrides)
+    return register_run(best_cfg, sweep.best, {"kind": "sweep", "sweep": sweep.name, "trial_id": sweep.best_trial_id})
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    """Data -> sweep -> register -> deploy, then one real HTTP request to the new endpoint.
+
+    Ray must be connected (see `connected`). Raises if the endpoint does not answer correctly.
+    """
+    info = prepare_dataset(cfg.data, cfg.storage.root)
+    sweep = run_sweep(cfg, info)
+    version = register_sweep(cfg, sweep)
+    deployment = run_deploy(cfg, str(version.version))
+    features, labels = load_split(info, "val")
+    answer = check_endpoint(deployment, features[:CHECK_ROWS])
+    predicted = np.asarray(next(o for o in answer["outputs"] if o["name"] == "label")["data"])
+    accuracy = float((predicted == labels[:CHECK_ROWS]).mean())
+    return PipelineResult(sweep=sweep, version=version, deployment=deployment, endpoint_accuracy=accuracy)
+
+
+def print_summary(summary: Dict[str, Any]) -> None:
+    """One JSON line on stdout: what scripts and tests read."""
+    print(json.dumps(summary, default=str), flush=True)
+
+
+def serve_until_interrupted(cfg: PipelineConfig) -> None:
+    """Block while Serve answers requests; Ctrl-C or SIGTERM (`ray job stop`) ends it cleanly."""
+    import signal
+    import threading
+
+    from ray import serve
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"serving on http://{cfg.serve.host}:{cfg.serve.port} (Ctrl-C to stop)", flush=True)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()

@@ -1,0 +1,224 @@
+"""Hyperparameter sweeps: Ray Tune over Ray Train.
+
+Ray 2.60 (Train V2) rejects `Tuner(TorchTrainer(...))`, so each trial is a Tune function
+trainable that builds and fits one TorchTrainer and forwards its reports to Tune through
+`TuneReportCallback`. The trial itself reserves a sliver of CPU; its Train workers reserve
+their own, so several trials of several workers share a small machine.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from orchestrator import storage
+from orchestrator.config import PipelineConfig, iter_search_space, with_overrides
+from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
+from orchestrator.train import TrainResult, build_trainer, read_history
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # what TuneReportCallback adds to each report with a checkpoint
+
+
+@dataclass(kw_only=True)
+class TrialSummary:
+    trial_id: str
+    overrides: Dict[str, Any]
+    """Sampled values, by dotted config path."""
+    epochs_run: int
+    val_accuracy: Optional[float]
+    """Best val accuracy the trial reported."""
+    status: str
+    """'completed', 'stopped early' (by the scheduler) or 'error: ...'."""
+
+
+@dataclass(kw_only=True)
+class SweepResult:
+    name: str
+    """Sweep name; its Tune results live under <root>/ray_results/<name>."""
+    best_trial_id: str
+    best_overrides: Dict[str, Any]
+    """The best trial's sampled values, by dotted config path."""
+    best: TrainResult
+    """The best trial's best checkpoint and metrics."""
+    trials: List[TrialSummary] = field(default_factory=list)
+    plot_url: str = ""
+    """PNG of every trial's val accuracy per epoch, best marked."""
+
+
+def to_tune_space(space: Dict[str, Any]) -> Dict[str, Any]:
+    """Turn the config's nested [sampler, *args] leaves into Tune search-space objects."""
+    from ray import tune
+
+    samplers = {
+        "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a), "choice": lambda a: tune.choice(list(a)),
+        "grid": lambda a: tune.grid_search(list(a)),
+    }
+    out: Dict[str, Any] = {}
+    for path, spec in iter_search_space(space):
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = samplers[spec[0]](list(spec[1:]))
+    return out
+
+
+def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}"""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _run_trial(config: Dict[str, Any], base: PipelineConfig, info: DatasetInfo, datasets, sweep_name: str) -> None:
+    """One Tune trial: fit one TorchTrainer with the sampled values and forward its reports."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = with_overrides(base, flatten(config))
+    trainer = build_trainer(
+        cfg, info, run_name=trial_id, group=sweep_name, storage_subdir=f"ray_results/{sweep_name}/trials",
+        datasets=datasets, callbacks=[TuneReportCallback()],
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+
+def _scheduler(cfg: PipelineConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    # time_attr "epoch" (not training_iteration): a trial resumed after a failure keeps its rung.
+    return ASHAScheduler(
+        time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+    )
+
+
+def concurrent_trials_that_fit(cfg: PipelineConfig) -> int:
+    """`tune.max_concurrent_trials`, lowered to what the cluster's CPUs can hold at once.
+
+    A trial whose workers cannot all be placed does not queue: its worker group times out after
+    60 s and the trial fails, so asking for more concurrency than fits loses trials.
+    """
+    import ray
+
+    per_trial = cfg.tune.trial_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
+    if fits < 1:
+        raise ValueError(f"one trial needs {per_trial:g} CPUs (scaling.num_workers x scaling.cpus_per_worker + tune.trial_cpus); the cluster has {ray.cluster_resources().get('CPU', 0):g}")
+    if fits < cfg.tune.max_concurrent_trials:
+        log.warning("tune.max_concurrent_trials=%d lowered to %d: that is what %g CPUs hold", cfg.tune.max_concurrent_trials, fits, ray.cluster_resources()["CPU"])
+    return min(fits, cfg.tune.max_concurrent_trials)
+
+
+def run_sweep(cfg: PipelineConfig, info: Optional[DatasetInfo] = None) -> SweepResult:
+    """Sweep `cfg.tune.search_space` (Ray must be connected). Returns the best trial and a summary of all."""
+    from ray import tune
+
+    info = info or prepare_dataset(cfg.data, cfg.storage.root)
+    name = f"{cfg.run_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, base=cfg, info=info, datasets=ray_datasets(info), sweep_name=name),
+        {"cpu": cfg.tune.trial_cpus},
+    )
+    fs, path = storage.pyarrow_filesystem(storage.join(cfg.storage.root, "ray_results"))
+    tuner = tune.Tuner(
+        trainable,
+        param_space=to_tune_space(cfg.tune.search_space),
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
+            num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent_trials_that_fit(cfg),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0),
+    )
+    grid = tuner.fit()
+    return _summarize(grid, cfg, name, info)
+
+
+def _summarize(grid, cfg: PipelineConfig, name: str, info: DatasetInfo) -> SweepResult:
+    trials = [_trial_summary(result, cfg) for result in grid]
+    finished = [r for r in grid if r.metrics_dataframe is not None and CHECKPOINT_PATH_KEY in r.metrics_dataframe]
+    if not finished:
+        errors = "; ".join(str(r.error) for r in grid if r.error) or "no trial reported a checkpoint"
+        raise RuntimeError(f"sweep {name} produced no usable trial: {errors}")
+    best_result, best_row = _best_row(finished, cfg.tune.metric, cfg.tune.mode)
+    checkpoint_path = best_row[CHECKPOINT_PATH_KEY]
+    best = TrainResult(
+        metrics={"epoch": int(best_row["epoch"]), **{k: float(best_row[k]) for k in ("train_loss", "val_loss", "val_accuracy")}},
+        checkpoint_path=checkpoint_path, history=read_history(cfg.storage.root, checkpoint_path), run_path=best_result.path, data=info,
+    )
+    summary = SweepResult(
+        name=name, best_trial_id=_trial_id(best_result), best_overrides=flatten(best_result.config), best=best, trials=trials,
+    )
+    summary.plot_url = write_sweep_plot(grid, summary, storage.join(cfg.storage.root, "ray_results", name, "val_accuracy.png"))
+    return summary
+
+
+def _best_row(results, metric: str, mode: str):
+    """(result, dataframe row) of the best reported epoch with a checkpoint, across all trials."""
+    rows = []
+    for result in results:
+        df = result.metrics_dataframe.dropna(subset=[CHECKPOINT_PATH_KEY])
+        if len(df):
+            row = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
+            rows.append((result, row))
+    return max(rows, key=lambda pair: pair[1][metric] if mode == "max" else -pair[1][metric])
+
+
+def _trial_id(result) -> str:
+    metrics = result.metrics or {}
+    return str(metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _trial_summary(result, cfg: PipelineConfig) -> TrialSummary:
+    df = result.metrics_dataframe
+    epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
+    best = float(df[cfg.tune.metric].max()) if df is not None and cfg.tune.metric in df else None
+    if result.error is not None:
+        status = f"error: {type(result.error).__name__}"
+    else:
+        status = "completed" if epochs >= cfg.train.epochs else "stopped early"
+    return TrialSummary(trial_id=_trial_id(result), overrides=flatten(result.config), epochs_run=epochs, val_accuracy=best, status=status)
+
+
+def write_sweep_plot(grid, summary: SweepResult, url: str) -> str:
+    """Plot every trial's val accuracy per epoch (best trial bold, its best epoch starred); returns `url`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or "val_accuracy" not in df:
+            continue
+        is_best = _trial_id(result) == summary.best_trial_id
+        ax.plot(df["epoch"], df["val_accuracy"], marker="o", markersize=3, linewidth=2.5 if is_best else 1,
+                alpha=1.0 if is_best else 0.6, label=f"{_trial_id(result)}{' (best)' if is_best else ''}")
+    ax.scatter([summary.best.metrics["epoch"]], [summary.best.metrics["val_accuracy"]], marker="*", s=250, color="gold",
+               edgecolor="black", zorder=5, label="best checkpoint")
+    ax.set(xlabel="epoch", ylabel="val accuracy", title=f"sweep {summary.name}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes_atomic(url, buffer.getvalue())
+    return url

@@ -1,0 +1,1 @@
+"""Ray Serve entry points for `serve run` / `serve deploy` (see serve/config.yaml)."""

@@ -1,0 +1,64 @@
+"""Ray Tune over Ray Train on a real local Ray: ASHA stops weak trials, the best is registered."""
+
+import os
+
+import pytest
+
+from orchestrator.config import PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
+from orchestrator.pipeline import register_sweep
+from orchestrator.registry import ModelRegistry
+from orchestrator.sweep import run_sweep
+
+
+@pytest.fixture(scope="module")
+def sweep_and_root(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = PipelineConfig(
+        storage=StorageConfig(root=f"file://{root}"),
+        tracking=TrackingConfig(enabled=True, mode="offline"),
+        train=TrainConfig(epochs=4),
+        # Two good learning rates first, then hopeless ones: once the good trials have reported,
+        # ASHA must stop the late, hopeless trials at their first rung.
+        tune=TuneConfig(num_samples=1, max_concurrent_trials=4, grace_period=1, reduction_factor=2,
+                        search_space={"train": {"lr": ["grid", 0.01, 0.005, 1e-6, 1e-6, 1e-6, 1e-6]}}),
+    )
+    return cfg, run_sweep(cfg), root
+
+
+def test_asha_stops_weak_trials_early(sweep_and_root):
+    cfg, sweep, _ = sweep_and_root
+    assert len(sweep.trials) == 6
+    stopped = [t for t in sweep.trials if t.status == "stopped early"]
+    assert stopped, f"ASHA stopped nothing: {sweep.trials}"
+    assert all(t.epochs_run < cfg.train.epochs for t in stopped)
+    assert all(t.overrides["train.lr"] == 1e-6 for t in stopped)
+    assert not [t for t in sweep.trials if t.status.startswith("error")]
+
+
+def test_best_trial_is_accurate_and_registered(sweep_and_root):
+    cfg, sweep, root = sweep_and_root
+    assert sweep.best_overrides["train.lr"] in (0.01, 0.005)
+    assert sweep.best.metrics["val_accuracy"] > 0.9
+    version = register_sweep(cfg, sweep)
+    registry = ModelRegistry(cfg.storage.root)
+    loaded, weights = registry.load(cfg.registry.model_name, "production")
+    assert loaded.version == version.version
+    assert loaded.manifest["lineage"]["trial_id"] == sweep.best_trial_id
+    assert loaded.manifest["config"]["train"]["lr"] == sweep.best_overrides["train.lr"]
+    assert loaded.metrics["val_accuracy"] == pytest.approx(sweep.best.metrics["val_accuracy"])
+
+
+def test_plot_written_beside_results(sweep_and_root):
+    _, sweep, root = sweep_and_root
+    path = sweep.plot_url.removeprefix("file://")
+    assert path.startswith(str(root)) and os.path.dirname(path).endswith(sweep.name)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 300
+
+
+def test_one_offline_wandb_run_per_trial(sweep_and_root):
+    _, sweep, root = sweep_and_root
+    runs = [d for d in os.listdir(root / "wandb" / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == len(sweep.trials), "expected exactly one (rank 0) run per trial"

@@ -1,0 +1,211 @@
+"""The config schema and the conf/ tree: every option composes, bad values fail naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from orchestrator.config import (
+    PipelineConfig,
+    StorageConfig,
+    TrainConfig,
+    from_dict,
+    iter_search_space,
+    to_config,
+    to_dict,
+    with_overrides,
+)
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+# Options with a required value left empty in their YAML, and the override that fills it.
+REQUIRED = {
+    ("data", "parquet"): {"source": "file:///data/digits.parquet"},
+    ("model", "custom"): {"_target_": "tests.unit.user_models.sequential_net"},
+}
+
+
+def _options():
+    for group_dir in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "experiment"):
+        for option in sorted(group_dir.glob("*.yaml")):
+            yield group_dir.name, option.stem
+
+
+def test_conf_tree_has_every_group():
+    groups = {group for group, _ in _options()}
+    assert groups >= {"data", "model", "parallel", "scaling", "train", "tune", "serve", "storage", "tracking", "registry"}
+
+
+@pytest.mark.parametrize(("group", "option"), list(_options()))
+def test_every_group_option_composes_to_its_yaml_values(compose, group, option):
+    required = REQUIRED.get((group, option), {})
+    overrides = [f"{group}={option}", *(f"{group}.{key}={value}" for key, value in required.items())]
+    cfg = to_config(compose(overrides))
+
+    assert isinstance(cfg, PipelineConfig)
+    section = dataclasses.asdict(getattr(cfg, group))
+    yaml_values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    for key, value in {**yaml_values, **required}.items():
+        if (group, key) == ("storage", "root"):
+            value = StorageConfig(root=value).root  # normalised; see test_storage_root_*
+        assert section[key] == value, f"{group}={option}: {group}.{key}"
+
+
+@pytest.mark.parametrize(("group", "option"), sorted(REQUIRED))
+def test_options_with_a_required_value_fail_without_it(compose, group, option):
+    (key,) = REQUIRED[(group, option)]
+    with pytest.raises(ValueError, match=f"{group}.{key}"):
+        to_config(compose([f"{group}={option}"]))
+
+
+def test_default_composition_selects_the_documented_defaults(compose):
+    cfg = to_config(compose([]))
+    assert (cfg.data.source, cfg.model.name, cfg.tune.scheduler, cfg.run_name) == ("digits", "mlp", "asha", "default")
+    assert cfg.data.input_shape == [1, 8, 8]
+    assert cfg.tracking.enabled is True
+
+
+def test_experiment_smoke_applies_its_values(compose):
+    cfg = to_config(compose(["experiment=smoke"]))
+    assert cfg.run_name == "smoke"
+    assert cfg.train.epochs == 3
+    assert (cfg.tune.num_samples, cfg.tune.grace_period) == (2, 1)
+    assert cfg.tracking.enabled is False
+    # Values the experiment does not mention keep their group defaults.
+    assert cfg.train.lr == 0.003 and cfg.tune.scheduler == "asha"
+
+
+def test_command_line_overrides_win_over_the_experiment(compose):
+    cfg = to_config(compose(["experiment=smoke", "train.epochs=5", "scaling=single"]))
+    assert cfg.train.epochs == 5
+    assert cfg.scaling.num_workers == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("scaling.num_wrkers=3", "num_wrkers"),  # unknown key
+        ("train.lr=abc", "train.lr"),  # wrong type
+        ("scaling.num_workers=two", "scaling.num_workers"),
+        ("tracking.enabled=maybe", "tracking.enabled"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_at_compose(compose, override, named):
+    with pytest.raises(ConfigCompositionException, match=named):
+        compose([override])
+
+
+def test_an_unknown_group_option_fails_at_compose(compose):
+    with pytest.raises(ConfigCompositionException, match="transformer"):
+        compose(["model=transformer"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["scaling.num_workers=0"], "scaling.num_workers"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.lr=-0.1"], "train.lr"),
+        (["data.val_fraction=1.5"], "data.val_fraction"),
+        (["serve.min_replicas=3", "serve.max_replicas=2"], "serve.max_replicas"),
+        (["serve.port=70000"], "serve.port"),
+        (["tune.reduction_factor=1"], "tune.reduction_factor"),
+        (["train.optimizer=rmsprop"], "train.optimizer"),
+        (["model.name=transformer"], "model.name"),
+        (["parallel.strategy=zero3"], "parallel.strategy"),
+        (["tracking.mode=sometimes"], "tracking.mode"),
+        (["registry.model_name=a/b"], "registry.model_name"),
+        (["registry.model_name=.."], "registry.model_name"),
+        (["registry.promote_alias=7"], "registry.promote_alias"),
+        (["tune.search_space.train.lr=[bogus,1]"], "tune.search_space.train.lr"),
+        (["tune.search_space.train.lr=0.01"], "tune.search_space.train.lr"),
+        (["tune.search_space.train.lr=[uniform,0.1,0.01]"], "tune.search_space.train.lr"),
+        (["tune.search_space.train.lr=[uniform,a,1]"], "tune.search_space.train.lr"),
+        (["tune.search_space.train.lr=[loguniform,0,1]"], "tune.search_space.train.lr"),
+        (["tune.search_space.train.batch_size=[choice]"], "tune.search_space.train.batch_size"),
+        (["+tune.search_space.model.foo=[uniform,0,1]"], "tune.search_space.model.foo"),
+        (["+tune.search_space.nowhere.lr=[uniform,0,1]"], "tune.search_space.nowhere.lr"),
+    ],
+)
+def test_out_of_range_values_fail_in_to_config_naming_the_field(compose, overrides, named):
+    composed = compose(overrides)  # the schema's types are fine; the range check is the dataclass's
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        to_config(composed)
+
+
+def test_a_new_search_space_leaf_on_a_real_field_is_accepted(compose):
+    cfg = to_config(compose(["+tune.search_space.model.dropout=[uniform,0,0.3]", "tune.search_space.train.lr=[choice,0.01,0.003]"]))
+    leaves = dict(iter_search_space(cfg.tune.search_space))
+    assert leaves["model.dropout"] == ["uniform", 0, 0.3]
+    assert leaves["train.lr"] == ["choice", 0.01, 0.003]
+    assert leaves["train.batch_size"] == ["choice", 32, 64]  # untouched leaves stay
+
+
+def test_iter_search_space_yields_dotted_paths_of_leaves():
+    space = {"train": {"lr": ["uniform", 0, 1]}, "model": {"hidden": ["choice", [8], [16, 8]]}, "top": ["grid", 1]}
+    assert list(iter_search_space(space)) == [
+        ("train.lr", ["uniform", 0, 1]),
+        ("model.hidden", ["choice", [8], [16, 8]]),
+        ("top", ["grid", 1]),
+    ]
+
+
+def test_with_overrides_applies_nested_dotted_values_to_a_copy():
+    base = PipelineConfig()
+    changed = with_overrides(base, {"train.lr": 0.01, "model.hidden": [8, 4], "scaling.num_workers": 1, "run_name": "x"})
+
+    assert (changed.train.lr, changed.model.hidden, changed.scaling.num_workers, changed.run_name) == (0.01, [8, 4], 1, "x")
+    assert changed.train.epochs == base.train.epochs  # siblings of an overridden field are kept
+    assert (base.train.lr, base.model.hidden, base.run_name) == (0.003, [128, 64], "default")  # original untouched
+
+
+def test_with_overrides_can_replace_a_dict_field_whole():
+    space = {"train": {"lr": ["choice", 0.001]}}
+    assert with_overrides(PipelineConfig(), {"tune.search_space": space}).tune.search_space == space
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"train.lr": -1.0}, "train.lr"),
+        ({"data.val_fraction": 0.0}, "data.val_fraction"),
+        ({"run_name": "a b"}, "run_name"),
+        ({"tune.search_space": {"model": {"foo": ["uniform", 0, 1]}}}, "tune.search_space.model.foo"),
+    ],
+)
+def test_with_overrides_revalidates(overrides, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        with_overrides(PipelineConfig(), overrides)
+
+
+def test_to_config_validates_a_config_composed_without_the_schema():
+    plain = OmegaConf.create({"train": {"epochs": 2, "lr": 0.1}, "run_name": "plain"})
+    cfg = to_config(plain)
+    assert isinstance(cfg.train, TrainConfig) and (cfg.train.epochs, cfg.train.lr, cfg.run_name) == (2, 0.1, "plain")
+    with pytest.raises(ValueError, match=r"train\.epochs"):
+        to_config(OmegaConf.create({"train": {"epochs": 0}}))
+
+
+def test_to_dict_and_from_dict_round_trip(compose):
+    cfg = to_config(compose(["model=custom", "model._target_=tests.unit.user_models.TwoLayerNet", "+model.kwargs.width=5", "data=synthetic"]))
+    rebuilt = from_dict(to_dict(cfg))
+    assert rebuilt == cfg
+    assert rebuilt.model._target_ == "tests.unit.user_models.TwoLayerNet" and rebuilt.model.kwargs == {"width": 5}
+
+
+def test_storage_root_relative_file_url_is_made_absolute(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert StorageConfig(root="file://./runs").root == f"file://{tmp_path}/runs"
+    assert StorageConfig(root="nested/runs").root == f"file://{tmp_path}/nested/runs"
+    assert StorageConfig(root="file:///abs/runs").root == "file:///abs/runs"
+    assert StorageConfig(root="s3://bucket/runs").root == "s3://bucket/runs"
+    assert StorageConfig(root="memory://runs").root == "memory://runs"
+
+
+def test_composed_local_storage_root_is_absolute(compose, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert to_config(compose(["storage=local"])).storage.root == f"file://{tmp_path}/runs"
