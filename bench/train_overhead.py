@@ -135,6 +135,9 @@ def torch_worker(rank: int, port: int, cfg: PipelineConfig, info: DatasetInfo, r
         return ((x[idx], y[idx]) for idx in order.split(batch_size))
 
     timings = timed_training(model, optimizer, epoch_batches, cfg.train.epochs)
+    # Without this barrier a rank sometimes aborted at exit ("terminate called without an active
+    # exception", ~1 run in 10 here) when the ranks tore gloo down at different moments.
+    dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
         results.put(timings)
@@ -196,7 +199,7 @@ def print_table(f: Dict[str, Any]) -> None:
         print(f"{name:26}{ray_value:>10.3f}{torch_value:>10.3f}{ratio:>8.2f}")
     print(f"steps: ray {f['ray_steps']}, torch {f['torch_steps']} (median/mean skip the first {f['warmup_steps']}); "
           f"before fit(): ray.init {f['ray_init_s']:.2f} s, build_trainer {f['ray_build_trainer_s']:.2f} s; "
-          f"load average {f['load_avg_1m']}")
+          f"load average {f['load_avg_1m_start']} at start, {f['load_avg_1m_end']} at end")
 
 
 def main() -> None:
@@ -206,6 +209,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the step statistics")
     args = parser.parse_args()
 
+    load_at_start = round(os.getloadavg()[0], 2)
     root = tempfile.mkdtemp(prefix="train-overhead-")
     try:
         cfg = PipelineConfig(
@@ -220,8 +224,9 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     figures = summarize(ray_run, torch_run, args.warmup)
-    # Step times on a small shared machine mean little without knowing what else was running.
-    figures["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    # Step times on a small shared machine mean little without knowing what else was running;
+    # the end reading includes this bench's own processes.
+    figures["load_avg_1m_start"], figures["load_avg_1m_end"] = load_at_start, round(os.getloadavg()[0], 2)
     print_table(figures)
     print(json.dumps(figures))
 

@@ -1,4 +1,4 @@
-"""Shared fixtures of the integration tier: a real local Ray per test module."""
+"""Shared fixtures of the integration tier: one real local Ray for the whole test session."""
 
 import os
 from pathlib import Path
@@ -11,12 +11,13 @@ from orchestrator.pipeline import connected
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """An embedded local Ray started the way jobs start it (`ensure_ray`), shut down after the module.
+    """An embedded local Ray started the way jobs start it (`ensure_ray`), shut down at the end.
 
-    Per module rather than per session so no Ray outlives the integration tier: the e2e jobs
-    start their own embedded Ray, and two local Ray instances on one machine confuse each other.
+    Started once per process: restarting Ray in one process can segfault it at exit
+    (ray-project/ray#31145). The e2e tier, which starts Ray in its jobs' own processes, sorts
+    before this tier, so the two never run side by side.
     """
     # Ray workers import test-only models by name (model._target_): make the repo importable for them.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

@@ -31,7 +31,9 @@ def test_asha_stops_weak_trials_early(sweep_and_root):
     stopped = [t for t in sweep.trials if t.status == "stopped early"]
     assert stopped, f"ASHA stopped nothing: {sweep.trials}"
     assert all(t.epochs_run < cfg.train.epochs for t in stopped)
-    assert all(t.overrides["train.lr"] == 1e-6 for t in stopped)
+    # A good trial may also trail a better one at a rung; the hopeless ones that start late never lead.
+    assert any(t.overrides["train.lr"] == 1e-6 for t in stopped)
+    assert any(t.status == "completed" for t in sweep.trials)
     assert not [t for t in sweep.trials if t.status.startswith("error")]
 
 
