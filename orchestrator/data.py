@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def load_split(info: DatasetInfo, split: str) -> Tuple[np.ndarray, np.ndarray]:
     return _table_to_arrays(table, info.feature_columns, info.label_column)
 
 
-def ray_datasets(info: DatasetInfo) -> Dict[str, "ray.data.Dataset"]:
+def ray_datasets(info: DatasetInfo) -> Dict[str, Any]:
     """Ray Data datasets {'train', 'val'} yielding batches {'x': float32 [B, F], 'y': int64 [B]}.
 
     Materialized once into the object store: every epoch of every trial then streams blocks

@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import pytest
 
 from orchestrator.config import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
 from orchestrator.train import checkpoint_weights, run_train
