@@ -25,7 +25,6 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -100,31 +99,44 @@ def run_ray(cfg: PipelineConfig, info: DatasetInfo) -> Dict[str, Any]:
     from orchestrator.train import build_trainer
 
     started = time.perf_counter()
-    ensure_ray(cfg.scaling)
+    started_ray = ensure_ray(cfg.scaling)
     ray_init_s = time.perf_counter() - started
     started = time.perf_counter()
-    trainer = build_trainer(cfg, info, run_name="train-overhead", group="bench", storage_subdir="bench")
+    # Only the worker function differs: scaling, data, storage and failure settings stay orchestrator's.
+    trainer = build_trainer(cfg, info, run_name="train-overhead", group="bench", storage_subdir="bench", loop=ray_loop)
     build_s = time.perf_counter() - started  # mostly materializing the Ray Data splits
-    # build_trainer has no hook for another loop; fit() reads this attribute, so the scaling, data,
-    # storage and failure settings stay exactly orchestrator's.
-    trainer.train_loop_per_worker = ray_loop
     fit_called_at = time.time()
     timings = trainer.fit().return_value
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
     return {**timings, "startup_s": timings["first_step_at"] - fit_called_at, "ray_init_s": ray_init_s, "build_trainer_s": build_s}
 
 
 # --- hand-written torch DDP ------------------------------------------------------------------
 
-def torch_worker(rank: int, port: int, cfg: PipelineConfig, info: DatasetInfo, results) -> None:
-    """One spawned rank: gloo group, DDP, this rank's contiguous half of the train split."""
+def torch_worker(rank: int, port: int, cfg: PipelineConfig, info: DatasetInfo, result_path: str) -> None:
+    """One spawned rank: gloo group, DDP, this rank's half of the train split. Rank 0 writes its timings."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
     model = nn.parallel.DistributedDataParallel(_seeded_model(cfg, info))
     optimizer = make_optimizer(cfg.train, model.parameters())
+    timings = timed_training(model, optimizer, _rank_batches(cfg, info, rank), cfg.train.epochs)
+    dist.destroy_process_group()
+    if rank == 0:
+        with open(result_path, "w") as f:
+            json.dump(timings, f)
+    # Skip interpreter finalization: a gloo worker thread still dropping its last work item needs the
+    # GIL then and aborts the process ("terminate called without an active exception"), about 1 run
+    # in 15 here even after destroy_process_group() (core dump: ProcessGroupGloo::runLoop ->
+    # ~AsyncWork -> gil_scoped_acquire during Py_FinalizeEx).
+    os._exit(0)
+
+
+def _rank_batches(cfg: PipelineConfig, info: DatasetInfo, rank: int) -> Callable[[int], Batches]:
+    """Per-epoch shuffled batches of this rank's contiguous slice of the train split."""
     features, labels = load_split(info, "train")
-    # Equal halves, as Ray Data's equal split gives, so both ranks take the same number of steps.
+    # Equal slices, as Ray Data's equal split gives, so both ranks take the same number of steps.
     per_rank = len(labels) // WORKERS
     x = torch.from_numpy(features[rank * per_rank:(rank + 1) * per_rank])
     y = torch.from_numpy(labels[rank * per_rank:(rank + 1) * per_rank])
@@ -134,13 +146,7 @@ def torch_worker(rank: int, port: int, cfg: PipelineConfig, info: DatasetInfo, r
         order = torch.randperm(per_rank, generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
         return ((x[idx], y[idx]) for idx in order.split(batch_size))
 
-    timings = timed_training(model, optimizer, epoch_batches, cfg.train.epochs)
-    # Without this barrier a rank sometimes aborted at exit ("terminate called without an active
-    # exception", ~1 run in 10 here) when the ranks tore gloo down at different moments.
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank == 0:
-        results.put(timings)
+    return epoch_batches
 
 
 def _free_port() -> int:
@@ -153,10 +159,13 @@ def run_torch(cfg: PipelineConfig, info: DatasetInfo) -> Dict[str, Any]:
     """Time a spawn()ed 2-process torch DDP run over the same split and batches."""
     import torch.multiprocessing as mp
 
-    results = mp.get_context("spawn").SimpleQueue()
-    spawned_at = time.time()
-    mp.spawn(torch_worker, args=(_free_port(), cfg, info, results), nprocs=WORKERS, join=True)
-    timings = results.get()
+    with tempfile.TemporaryDirectory() as folder:
+        # A file rather than a queue: spawn() joins before we could drain a pipe a long run fills.
+        result_path = os.path.join(folder, "timings.json")
+        spawned_at = time.time()
+        mp.spawn(torch_worker, args=(_free_port(), cfg, info, result_path), nprocs=WORKERS, join=True)
+        with open(result_path) as f:
+            timings = json.load(f)
     return {**timings, "startup_s": timings["first_step_at"] - spawned_at}
 
 

@@ -305,8 +305,6 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _require(_is_identifier(self.run_name), "run_name", f"must be letters, digits, '-', '_' or '.', got {self.run_name!r}")
-        if self.tune.scheduler == "asha":
-            _require(self.tune.grace_period <= self.train.epochs, "tune.grace_period", f"must be <= train.epochs ({self.train.epochs}), got {self.tune.grace_period}")
         for path, _ in iter_search_space(self.tune.search_space):
             _require(_has_field(self, path), f"tune.search_space.{path}", "names no config field")
 

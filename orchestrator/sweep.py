@@ -102,8 +102,9 @@ def _scheduler(cfg: PipelineConfig):
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
     # time_attr "epoch" (not training_iteration): a trial resumed after a failure keeps its rung.
+    # A grace period longer than the run means "never stop early": ASHA itself would reject it.
     return ASHAScheduler(
-        time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
+        time_attr="epoch", max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
         reduction_factor=cfg.tune.reduction_factor,
     )
 

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -160,18 +160,21 @@ def _report(metrics: Dict[str, Any], history: List[Dict[str, Any]], model: nn.Mo
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def build_trainer(cfg: PipelineConfig, info: DatasetInfo, *, run_name: str, group: str, storage_subdir: str, datasets=None, callbacks=None):
+def build_trainer(
+    cfg: PipelineConfig, info: DatasetInfo, *, run_name: str, group: str, storage_subdir: str, datasets=None,
+    callbacks=None, loop: Callable[[Dict[str, Any]], Any] = train_loop_per_worker,
+):
     """A TorchTrainer for one run of `cfg` on `info`, storing results under <root>/<storage_subdir>/<run_name>.
 
     `datasets` are the Ray datasets of `info` when the caller already materialized them (a sweep
-    shares one copy between trials).
+    shares one copy between trials). `loop` replaces the worker function (benchmarks time their own).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     fs, path = storage.pyarrow_filesystem(storage.join(cfg.storage.root, storage_subdir))
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"cfg": cfg, "data": info, "run_name": run_name, "group": group},
         torch_config=TorchConfig(backend=cfg.parallel.backend),
         scaling_config=ray.train.ScalingConfig(

@@ -209,3 +209,9 @@ def test_storage_root_relative_file_url_is_made_absolute(monkeypatch, tmp_path):
 def test_composed_local_storage_root_is_absolute(compose, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert to_config(compose(["storage=local"])).storage.root == f"file://{tmp_path}/runs"
+
+
+def test_one_epoch_runs_are_valid_even_with_the_default_asha_grace_period(compose):
+    # ASHA clamps its grace period to the run's length; a plain train job must not be refused for it.
+    cfg = to_config(compose(["train.epochs=1"]))
+    assert cfg.train.epochs == 1 and cfg.tune.grace_period > cfg.train.epochs
