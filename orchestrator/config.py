@@ -40,7 +40,8 @@ class DataConfig:
     label_column: str = "label"
     """Parquet column holding the integer class label."""
     input_shape: List[int] = field(default_factory=list)
-    """Shape of one sample as the model sees it (e.g. [1, 8, 8]); empty means flat features."""
+    """Shape of one sample as the model sees it (e.g. [1, 8, 8]); empty means the source's own:
+    [1, 8, 8] for digits, flat features otherwise."""
     val_fraction: float = 0.2
     """Fraction of rows held out for validation (deterministic split)."""
     split_seed: int = 0

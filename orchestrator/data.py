@@ -46,7 +46,7 @@ class DatasetInfo:
 def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
     """Load `cfg.source`, split it, and write it under `<root>/datasets/` (once per digest)."""
     features, labels, columns, label_column = _load_source(cfg)
-    input_shape = list(cfg.input_shape) or [features.shape[1]]
+    input_shape = list(cfg.input_shape) or natural_shape(cfg.source, features.shape[1])
     if int(np.prod(input_shape)) != features.shape[1]:
         raise ValueError(f"data.input_shape {input_shape} holds {int(np.prod(input_shape))} values but the source has {features.shape[1]} features")
     digest = _digest(features, labels, cfg)
@@ -97,6 +97,11 @@ def ray_datasets(info: DatasetInfo) -> Dict[str, Any]:
         fs, path = storage.pyarrow_filesystem(url)
         out[split] = ray.data.read_parquet(path, filesystem=fs).map_batches(to_xy, batch_format="numpy").materialize()
     return out
+
+
+def natural_shape(source: str, num_features: int) -> List[int]:
+    """A sample's shape when data.input_shape is empty: digits are 1x8x8 images, other sources flat rows."""
+    return [1, 8, 8] if source == "digits" else [num_features]
 
 
 def _load_source(cfg: DataConfig) -> Tuple[np.ndarray, np.ndarray, List[str], str]:

@@ -41,3 +41,12 @@ def test_failure_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
     assert all(h["restored_epoch"] == 0 for h in history[:resumed])
     assert all(h["restored_epoch"] == resumed for h in history[resumed:])
     assert result.metrics["val_accuracy"] > 0.85
+
+
+def test_cnn_trains_on_image_shaped_digits(ray_cluster, tmp_path):
+    cfg = dataclasses.replace(_cfg(tmp_path, epochs=4, lr=0.01), model=ModelConfig(name="cnn", channels=[8, 16], hidden=[32]))
+    result = run_train(cfg)
+    assert result.data.input_shape == [1, 8, 8]
+    assert result.metrics["val_accuracy"] > 0.9
+    weights = checkpoint_weights(cfg.storage.root, result.checkpoint_path)
+    assert weights["stages.conv0.0.weight"].shape == (8, 1, 3, 3)
