@@ -161,19 +161,18 @@ class ModelRegistry:
         return sorted(int(n) for n in names if n.isdigit())
 
     def _claim_next_version(self, model: str) -> Tuple[int, str]:
-        fs, _ = storage.filesystem(self.url)
+        local = storage.is_local(self.url)
         number = max(self._all_version_numbers(model), default=0) + 1
         while True:
             url = self._version_url(model, number)
-            _, path = storage.filesystem(url)
-            if storage.is_local(url):
+            fs, path = storage.filesystem(url)
+            if local:
                 try:  # mkdir is atomic: two writers never get the same number
                     os.makedirs(path, exist_ok=False)
                     return number, url
                 except FileExistsError:
-                    number += 1
-                    continue
-            if not fs.exists(path):  # object stores have no folders; first writer wins by a hair
+                    pass
+            elif not fs.exists(path):  # object stores have no folders; first writer wins by a hair
                 return number, url
             number += 1
 
