@@ -17,7 +17,6 @@ import math
 import time
 import urllib.error
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,9 +31,9 @@ from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.config import PipelineConfig, ServeConfig, from_dict
-from orchestrator.models import build_model
+from orchestrator.config import PipelineConfig, ServeConfig
 from orchestrator.registry import WEIGHTS, ModelRegistry, ModelVersion
+from orchestrator.servable import build_servable
 
 NAMESPACE = "orchestrator"
 MODEL_DEPLOYMENT = "ModelServer"
@@ -226,7 +225,7 @@ class ModelServer:
     """One replica: the manifest's model built on the meta device, run on the shared weights."""
 
     def __init__(
-        self, *, weights: Dict[str, ray.ObjectRef], config: Dict[str, Any], signature: Dict[str, Any], version: int,
+        self, *, weights: Dict[str, ray.ObjectRef], manifest: Dict[str, Any], version: int,
         max_batch_size: int, batch_wait_timeout_s: float,
     ):
         torch.set_num_threads(1)  # replicas share the node's cores; intra-op threads would fight
@@ -234,8 +233,7 @@ class ModelServer:
         self._ref_hex = ref.hex()
         self._version = version
         self._arrays = ray.get(ref)  # read-only numpy views into the node's object store
-        self._model = _meta_model(config, signature)
-        self._params = _shared_tensors(self._arrays, self._model)
+        self._forward = build_servable(manifest, self._arrays)
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -244,7 +242,7 @@ class ModelServer:
         """Rows [n_i, F] of each batched request -> {"probabilities": [n_i, C], "label": [n_i]} for each."""
         x = torch.from_numpy(np.concatenate(batches))
         with torch.inference_mode():
-            logits = torch.func.functional_call(self._model, self._params, (x,))
+            logits = self._forward(x)
         probabilities = torch.softmax(logits, dim=1).numpy()
         splits = np.cumsum([len(rows) for rows in batches])[:-1]
         return [{"probabilities": p, "label": p.argmax(axis=1)} for p in np.split(probabilities, splits)]
@@ -257,25 +255,6 @@ class ModelServer:
         first = next(iter(self._arrays.values()))
         replica = serve.get_replica_context().replica_id.unique_id
         return {"object_ref": self._ref_hex, "writeable": bool(first.flags.writeable), "version": self._version, "replica": replica}
-
-
-def _meta_model(config: Dict[str, Any], signature: Dict[str, Any]) -> torch.nn.Module:
-    # On the meta device the module allocates no weights of its own: functional_call supplies them.
-    with torch.device("meta"):
-        model = build_model(from_dict(config).model, signature["input_shape"], signature["num_classes"])
-    return model.eval()
-
-
-def _shared_tensors(arrays: Dict[str, np.ndarray], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    expected = set(model.state_dict())
-    if set(arrays) != expected:
-        raise ValueError(
-            f"registry weights do not fit the model: missing {sorted(expected - set(arrays))}, unexpected {sorted(set(arrays) - expected)}"
-        )
-    with warnings.catch_warnings():
-        # The arrays are read-only on purpose (shared); inference never writes to them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
 api = FastAPI(title="orchestrator: Open Inference Protocol v2")
@@ -470,7 +449,7 @@ def _bind(serve_cfg: ServeConfig, version: ModelVersion, ref: ray.ObjectRef) -> 
         max_ongoing_requests=per_replica,
         ray_actor_options={"num_cpus": serve_cfg.replica_cpus},
     ).bind(
-        weights={"ref": ref}, config=version.manifest["config"], signature=version.signature, version=version.version,
+        weights={"ref": ref}, manifest=version.manifest, version=version.version,
         max_batch_size=serve_cfg.max_batch_size, batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s,
     )
     # The single ingress only awaits the model: it must admit enough requests to fill every replica.

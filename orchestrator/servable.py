@@ -1,0 +1,72 @@
+"""How a registry version becomes a callable model inside a serving replica.
+
+One place decides this for every serving path, so that variants (a quantized model, say) plug in
+without the deployments knowing: `build_servable(manifest, arrays)` returns a function from a
+float32 batch to logits.
+
+The default path builds the recorded architecture on the meta device and runs it with
+`torch.func.functional_call` on the arrays as they are: read-only, zero-copy views of the one
+object-store copy that every replica on a node shares.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict
+
+import numpy as np
+import torch
+
+from orchestrator.config import from_dict
+from orchestrator.models import build_model
+
+Servable = Callable[[torch.Tensor], torch.Tensor]
+"""A batch [n, *input_shape] or [n, features] of float32 -> logits [n, classes]."""
+
+
+def build_servable(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> Servable:
+    """The model of a registry `manifest` running on `arrays` (its weights).
+
+    Raises ValueError when the arrays do not fit the recorded architecture, or when the manifest
+    names a variant this build cannot serve.
+    """
+    variant = manifest.get("variant") or {}
+    method = variant.get("method")
+    if method is None or method in FLOAT_WEIGHT_VARIANTS:
+        return _shared_weights_model(manifest, arrays)
+    raise ValueError(f"registry version {manifest.get('version')} is a {method!r} variant, which this build cannot serve")
+
+
+FLOAT_WEIGHT_VARIANTS: tuple = ()
+"""Variant methods whose weights are plain float tensors of the recorded architecture."""
+
+
+def meta_model(manifest: Dict[str, Any]) -> torch.nn.Module:
+    """The recorded architecture, on the meta device (allocates no weights), in eval mode."""
+    signature = manifest["signature"]
+    with torch.device("meta"):
+        model = build_model(from_dict(manifest["config"]).model, signature["input_shape"], signature["num_classes"])
+    return model.eval()
+
+
+def _shared_weights_model(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> Servable:
+    model = meta_model(manifest)
+    params = shared_tensors(arrays, model)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, params, (x,))
+
+    return forward
+
+
+def shared_tensors(arrays: Dict[str, np.ndarray], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Tensors viewing `arrays` (no copy), checked against `model`'s state dict names."""
+    expected = set(model.state_dict())
+    if set(arrays) != expected:
+        raise ValueError(
+            f"registry weights do not fit the model: missing {sorted(expected - set(arrays))}, unexpected {sorted(set(arrays) - expected)}"
+        )
+    with warnings.catch_warnings():
+        # The arrays are read-only on purpose (shared); inference never writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(array) for name, array in arrays.items()}
