@@ -3,7 +3,7 @@
 Both variants train the default MLP on the digits train split with 2 workers, the same global
 batch size and the same number of optimizer steps, in one process session:
 
-  ray    orchestrator.train.build_trainer (TorchTrainer, Ray Data shards, prepare_model)
+  ray    orchestrator.train.build_trainer (TorchTrainer, rows read once from Ray Data as the training loop does, prepare_model)
   torch  torch.multiprocessing.spawn + gloo + DistributedDataParallel over in-memory arrays
 
 A step is timed from asking for its batch to the end of optimizer.step(), so it includes the data
@@ -31,7 +31,8 @@ from torch import nn
 from orchestrator.config import DataConfig, PipelineConfig, ScalingConfig, StorageConfig, TrackingConfig, TrainConfig
 from orchestrator.data import DatasetInfo, load_split, prepare_dataset
 from orchestrator.models import build_model
-from orchestrator.train import make_optimizer
+from orchestrator.parallel import make_optimizer
+from orchestrator.train import worker_rows
 
 WORKERS = 2
 
@@ -80,13 +81,16 @@ def ray_loop(loop_config: Dict[str, Any]) -> Dict[str, Any]:
     cfg: PipelineConfig = loop_config["cfg"]
     model = ray.train.torch.prepare_model(_seeded_model(cfg, loop_config["data"]))
     optimizer = make_optimizer(cfg.train, model.parameters())
-    shard = ray.train.get_dataset_shard("train")
-    batch_size = cfg.train.batch_size // ray.train.get_context().get_world_size()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    batch_size = cfg.train.batch_size // world
+    # The data path orchestrator's own loop uses: this rank's rows read once from Ray Data, then a
+    # seeded permutation per epoch (reading the split counts in the startup time, not in the steps).
+    x, y = worker_rows(ray.train.get_dataset_shard("train"), rank, world, torch.device("cpu"))
 
     def epoch_batches(epoch: int) -> Batches:
-        # The shuffle orchestrator's own loop uses, so the data path costs what it costs there.
-        batches = shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=cfg.train.seed + epoch)
-        return ((b["x"], b["y"]) for b in batches)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
+        return ((x[i], y[i]) for i in order.split(batch_size))
 
     return timed_training(model, optimizer, epoch_batches, cfg.train.epochs)
 

@@ -86,7 +86,11 @@ def ray_datasets(info: DatasetInfo) -> Dict[str, Any]:
     """
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Rows keep their Parquet order, so every worker that reads a split sees the same sequence and
+    # its share of it (orchestrator.train) is the same from run to run.
+    context.execution_options.preserve_order = True
     columns, label = info.feature_columns, info.label_column
 
     def to_xy(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 from orchestrator import storage
 from orchestrator.config import PipelineConfig, iter_search_space, with_overrides
 from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
+from orchestrator.schedules import schedule_epochs
 from orchestrator.train import TrainResult, build_trainer, read_history
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,21 @@ def _scheduler(cfg: PipelineConfig):
         return FIFOScheduler()
     # time_attr "epoch" (not training_iteration): a trial resumed after a failure keeps its rung.
     # A grace period longer than the run means "never stop early": ASHA itself would reject it.
+    longest = longest_trial(cfg)
     return ASHAScheduler(
-        time_attr="epoch", max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+        time_attr="epoch", max_t=longest, grace_period=min(cfg.tune.grace_period, longest),
         reduction_factor=cfg.tune.reduction_factor,
     )
+
+
+def longest_trial(cfg: PipelineConfig) -> int:
+    """Epochs of the longest trial the search space can sample (ASHA stops every trial at its max_t)."""
+    lengths = [schedule_epochs(cfg.schedule, cfg.train.epochs)]
+    for path, spec in iter_search_space(cfg.tune.search_space):
+        if path in ("train.epochs", "schedule.phase_epochs"):
+            values = spec[1:] if spec[0] in ("choice", "grid") else [spec[2]]
+            lengths += [sum(v) if isinstance(v, (list, tuple)) else int(v) for v in values]
+    return max(lengths)
 
 
 def concurrent_trials_that_fit(cfg: PipelineConfig) -> int:
@@ -192,7 +204,8 @@ def _trial_summary(result, cfg: PipelineConfig) -> TrialSummary:
     if result.error is not None:
         status = f"error: {type(result.error).__name__}"
     else:
-        status = "completed" if epochs >= cfg.train.epochs else "stopped early"
+        trial_cfg = with_overrides(cfg, flatten(result.config))
+        status = "completed" if epochs >= schedule_epochs(trial_cfg.schedule, trial_cfg.train.epochs) else "stopped early"
     return TrialSummary(trial_id=_trial_id(result), overrides=flatten(result.config), epochs_run=epochs, val_accuracy=best, status=status)
 
 

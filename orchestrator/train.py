@@ -1,8 +1,10 @@
-"""One distributed training run: a Ray Train V2 TorchTrainer over Ray Data shards.
+"""One distributed training run: a Ray Train V2 TorchTrainer over Ray Data.
 
-Each epoch reports train loss, val loss and val accuracy with a checkpoint (rank 0 writes it).
-A failed worker group is restarted by Ray Train (`train.max_failures`) and every rank resumes
-from the latest reported checkpoint.
+Each worker runs the configured schedule (orchestrator.schedules) phase by phase under the
+configured parallel plan (orchestrator.parallel). Each epoch reports train loss, the whole model's
+val loss and accuracy, the phase model's accuracy and the compute spent so far, with a checkpoint
+(rank 0 writes it). A failed worker group is restarted by Ray Train (`train.max_failures`) and every
+rank resumes from the latest reported checkpoint, in the phase and epoch it had reached.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from orchestrator import storage
-from orchestrator.config import PipelineConfig, TrainConfig, to_dict
+from orchestrator.config import PipelineConfig, to_dict
 from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
 from orchestrator.models import build_model
+from orchestrator.parallel import make_runner, shards_data
+from orchestrator.phases import Compute, PhaseModel, add_cache_compute, add_epoch_compute, forward_flops, make_aux_heads
+from orchestrator.schedules import HEAD, Phase, expand_schedule
 from orchestrator.tracking import start_tracking
 
 STATE_FILE = "state.pt"
@@ -43,17 +48,26 @@ class TrainResult:
     """Folder of the run's Ray Train results."""
     data: Optional[DatasetInfo] = None
     """The dataset it was trained on."""
+    run_history: List[Dict[str, Any]] = field(default_factory=list)
+    """Per-epoch metrics of the whole run (from its latest checkpoint)."""
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    optimizer_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+@dataclass
+class _Resume:
+    """Where a restarted run picks up: the checkpoint's epoch, history, optimizer state and compute."""
+
+    epoch: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    optimizer: Any = None
+    compute: Compute = field(default_factory=Compute)
 
 
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
-    """The function every Ray Train worker runs. `loop_config` holds 'cfg', 'data', 'run_name', 'group'."""
+    """The function every Ray Train worker runs. `loop_config` holds 'cfg', 'data', 'run_name', 'group'.
+
+    Runs the configured schedule phase by phase under the configured parallel plan; reports every
+    epoch with a checkpoint, and resumes from Ray Train's latest checkpoint in the right phase and epoch.
+    """
     import ray.train
     import ray.train.torch
 
@@ -62,112 +76,196 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.scaling.torch_threads)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, whatever the plan
+    device = ray.train.torch.get_device()
 
-    model = ray.train.torch.prepare_model(build_model(cfg.model, info.input_shape, info.num_classes))
-    optimizer = make_optimizer(cfg.train, model.parameters())
-    start_epoch, history = _restore(ray.train.get_checkpoint(), _unwrap(model), optimizer)
-    restored_epoch = start_epoch  # recorded in every report: shows a resume happened and from where
+    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    phases = expand_schedule(cfg.schedule, model.stage_names, epochs=cfg.train.epochs, lr=cfg.train.lr)
+    aux_heads = make_aux_heads(model, phases, info.num_classes, cfg.train.seed)
+    flops = forward_flops(model, aux_heads)
+    model.to(device), aux_heads.to(device)
+    resume = _restore(ray.train.get_checkpoint(), model, aux_heads)
 
+    shard = shards_data(cfg.parallel)
+    train_rows = worker_rows(ray.train.get_dataset_shard("train"), rank if shard else 0, world if shard else 1, device)
+    val_rows = worker_rows(ray.train.get_dataset_shard("val"), 0, 1, device)
     tracker = start_tracking(cfg.tracking, cfg.storage.root, name=loop_config["run_name"], group=loop_config["group"], config=to_dict(cfg), rank=rank)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    per_worker_batch = max(1, cfg.train.batch_size // world)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(start_epoch, cfg.train.epochs):
-        started = time.perf_counter()
-        train_loss = _train_epoch(model, optimizer, loss_fn, train_shard, per_worker_batch, seed=cfg.train.seed + epoch)
-        val_loss, val_accuracy = _evaluate(model, loss_fn, val_shard, per_worker_batch, rank, world)
-        metrics = {
-            "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
-            "epoch_time_s": time.perf_counter() - started, "restored_epoch": restored_epoch,
-        }
-        history.append(metrics)
-        tracker.log(metrics, step=epoch + 1)
-        _report(metrics, history, _unwrap(model), optimizer, rank)
+    run = _Run(cfg=cfg, model=model, aux_heads=aux_heads, flops=flops, rank=rank, world=world, device=device,
+               train=train_rows, val=val_rows, resume=resume, tracker=tracker)
+    for phase in phases:
+        if phase.end_epoch > resume.epoch:
+            run.phase(phase)
     tracker.finish()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+@dataclass(kw_only=True)
+class _Run:
+    """State one worker carries through a schedule."""
+
+    cfg: PipelineConfig
+    model: nn.Module
+    aux_heads: nn.ModuleDict
+    flops: Dict[str, float]
+    rank: int
+    world: int
+    device: torch.device
+    train: tuple
+    val: tuple
+    resume: _Resume
+    tracker: Any
+
+    def phase(self, phase: Phase) -> None:
+        cfg = self.cfg
+        phase_model = PhaseModel(self.model, self.aux_heads, phase)
+        runner = make_runner(cfg.parallel, phase_model.trainable, phase_model.param_groups(), cfg.train, self.device)
+        start = max(phase.first_epoch, self.resume.epoch)
+        if start > phase.first_epoch and self.resume.optimizer is not None:
+            runner.load_optimizer_state(self.resume.optimizer)  # mid-phase resume keeps the optimizer's moments
+        compute = self.resume.compute
+        cached = cfg.schedule.cache_frozen and bool(phase.frozen_prefix)
+        x, y = self.train
+        if cached:  # the frozen prefix runs once per phase, not once per epoch
+            x = phase_model.cached_features(x) if runner.needs_inputs else x
+            add_cache_compute(compute, phase, self.flops, self._global_rows(len(y), runner) if runner.needs_inputs else 0)
+        for epoch in range(start, phase.end_epoch):
+            self._epoch(phase, phase_model, runner, x, y, epoch, cached)
+
+    def _epoch(self, phase: Phase, phase_model: PhaseModel, runner, x, y, epoch: int, cached: bool) -> None:
+        cfg = self.cfg
+        started = time.perf_counter()
+        phase_model.train()
+        batch = cfg.train.batch_size if not runner.shards_data else max(1, cfg.train.batch_size // self.world)
+        train_loss, rows = _train_epoch(runner, phase_model, x, y, batch=batch, seed=cfg.train.seed + epoch, cached=cached)
+        runner.sync()
+        add_epoch_compute(self.resume.compute, phase, self.flops, self._global_rows(rows, runner), cached=cached)
+        self.model.eval()
+        val_loss, val_accuracy = _evaluate(self.model, *self.val, self.rank, self.world)
+        phase_accuracy = val_accuracy
+        if phase.output != HEAD:  # what the phase trains (stage + auxiliary head), beside the whole model
+            phase_model.trainable.eval()
+            _, phase_accuracy = _evaluate(lambda v: phase_model.trainable(phase_model.features(v)), *self.val, self.rank, self.world)
+        metrics = {
+            "epoch": epoch + 1, "phase": phase.index, "phase_name": phase.name, "train_loss": train_loss,
+            "val_loss": val_loss, "val_accuracy": val_accuracy, "phase_val_accuracy": phase_accuracy,
+            "epoch_time_s": time.perf_counter() - started, "restored_epoch": self.resume.epoch,
+            **self.resume.compute.as_metrics(),
+        }
+        self.resume.history.append(metrics)
+        self.tracker.log(metrics, step=epoch + 1)
+        optimizer_state = runner.optimizer_state()  # every rank: some plans gather it collectively
+        _report(metrics, self.resume, self.model, self.aux_heads, optimizer_state, self.rank)
+
+    def _global_rows(self, rows: int, runner) -> int:
+        # Sharded plans train on different rows per rank; a pipeline's ranks all see the same rows.
+        if not runner.shards_data or not dist.is_initialized():
+            return rows
+        return int(_all_reduce(torch.tensor([float(rows)]))[0])
 
 
-def _restore(checkpoint, model: nn.Module, optimizer) -> tuple:
-    """Load the latest checkpoint if Ray Train handed one over: (epoch to start at, history so far)."""
+def worker_rows(shard, rank: int, world: int, device: torch.device) -> tuple:
+    """All rows of a Ray Data shard as tensors (x, y), keeping every `world`-th from `rank`.
+
+    Every rank keeps the same number of rows (the remainder is dropped), so data-parallel ranks take
+    the same number of steps; the stride over a fixed row order makes each rank's share the same in
+    every run, which is what lets a resumed or a cached run repeat a plain one exactly.
+    """
+    xs, ys = [], []
+    for batch in shard.iter_torch_batches(batch_size=4096):
+        xs.append(batch["x"])
+        ys.append(batch["y"])
+    x, y = torch.cat(xs), torch.cat(ys)
+    keep = len(y) // world
+    return x[rank::world][:keep].to(device), y[rank::world][:keep].to(device)
+
+
+def _restore(checkpoint, model: nn.Module, aux_heads: nn.ModuleDict) -> _Resume:
+    """Load the latest checkpoint if Ray Train handed one over."""
     if checkpoint is None:
-        return 0, []
+        return _Resume()
     with checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
         with open(os.path.join(folder, HISTORY_FILE)) as f:
             history = json.load(f)
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]), history
+    aux_heads.load_state_dict(state["aux_heads"])
+    last = history[-1] if history else {}
+    compute = Compute(forward_passes=int(last.get("forward_passes", 0)), backward_passes=int(last.get("backward_passes", 0)),
+                      flops=float(last.get("train_gflops", 0.0)) * 1e9)
+    return _Resume(epoch=int(state["epoch"]), history=history, optimizer=state["optimizer"], compute=compute)
 
 
-def _train_epoch(model, optimizer, loss_fn, shard, batch_size: int, seed: int) -> float:
-    """One pass over this worker's shard; returns the mean loss over all workers."""
-    model.train()
+def _train_epoch(runner, phase_model: PhaseModel, x, y, *, batch: int, seed: int, cached: bool) -> tuple:
+    """One pass over this rank's rows in a seeded order; (mean loss over all ranks, rows trained here)."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     total, count = torch.zeros(()), torch.zeros(())
-    batches = shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed)
-    for batch in batches:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(batch["x"]), batch["y"])
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * len(batch["y"])
-        count += len(batch["y"])
-    return _global_mean(total, count)
+    # A pipeline's micro-batch shapes are fixed at its first step: it skips a last, smaller batch.
+    stop = len(order) - len(order) % batch if not runner.shards_data else len(order)
+    for start in range(0, stop, batch):
+        index = order[start: start + batch]
+        inputs = None
+        if runner.needs_inputs:
+            inputs = x[index] if cached else phase_model.features(x[index])
+        loss_sum, rows = runner.step(inputs, y[index])
+        total += float(loss_sum)
+        count += rows
+    return _global_mean(total, count), stop
 
 
 @torch.no_grad()
-def _evaluate(model, loss_fn, shard, batch_size: int, rank: int, world: int) -> tuple:
-    """Val loss and accuracy over every val row exactly once: rank r takes batches r, r+world, ..."""
-    model.eval()
+def _evaluate(forward, x, y, rank: int, world: int, batch: int = 512) -> tuple:
+    """Loss and accuracy over every row of (x, y) exactly once: rank r takes chunks r, r+world, ..."""
     loss_sum, correct, count = torch.zeros(()), torch.zeros(()), torch.zeros(())
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size)):
+    for i, start in enumerate(range(0, len(y), batch)):
         if i % world != rank:
             continue
-        # The unwrapped module: a DDP forward in eval would still sync buffers across ranks
-        # that may see different batch counts here.
-        logits = _unwrap(model)(batch["x"])
-        loss_sum += nn.functional.cross_entropy(logits, batch["y"], reduction="sum")
-        correct += (logits.argmax(dim=1) == batch["y"]).sum()
-        count += len(batch["y"])
-    stats = torch.stack([loss_sum, correct, count])
-    if dist.is_initialized():
-        dist.all_reduce(stats)
+        logits, labels = forward(x[start: start + batch]), y[start: start + batch]
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").cpu()
+        correct += (logits.argmax(dim=1) == labels).sum().cpu()
+        count += len(labels)
+    stats = _all_reduce(torch.stack([loss_sum, correct, count]))
     return float(stats[0] / stats[2]), float(stats[1] / stats[2])
 
 
 def _global_mean(total: torch.Tensor, count: torch.Tensor) -> float:
-    stats = torch.stack([total, count])
-    if dist.is_initialized():
-        dist.all_reduce(stats)
+    stats = _all_reduce(torch.stack([total.float(), count.float()]))
     return float(stats[0] / stats[1])
 
 
-def _report(metrics: Dict[str, Any], history: List[Dict[str, Any]], model: nn.Module, optimizer, rank: int) -> None:
+def _all_reduce(stats: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks (through the GPU when the backend is NCCL, which has no CPU path)."""
+    if not dist.is_initialized():
+        return stats
+    if dist.get_backend() == "nccl":
+        on_device = stats.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device)
+        return on_device.cpu()
+    dist.all_reduce(stats)
+    return stats
+
+
+def _report(metrics: Dict[str, Any], resume: _Resume, model: nn.Module, aux_heads: nn.ModuleDict, optimizer_state, rank: int) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:  # one copy of the weights is enough; other ranks report metrics only
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": metrics["epoch"]}, os.path.join(folder, STATE_FILE))
+            state = {"model": model.state_dict(), "aux_heads": aux_heads.state_dict(), "optimizer": optimizer_state, "epoch": metrics["epoch"]}
+            torch.save(state, os.path.join(folder, STATE_FILE))
             with open(os.path.join(folder, HISTORY_FILE), "w") as f:
-                json.dump(history, f)
+                json.dump(resume.history, f)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def build_trainer(
     cfg: PipelineConfig, info: DatasetInfo, *, run_name: str, group: str, storage_subdir: str, datasets=None,
-    callbacks=None, loop: Callable[[Dict[str, Any]], Any] = train_loop_per_worker,
+    callbacks=None, loop: Callable[[Dict[str, Any]], Any] = train_loop_per_worker, extra_loop_config: Optional[Dict[str, Any]] = None,
 ):
     """A TorchTrainer for one run of `cfg` on `info`, storing results under <root>/<storage_subdir>/<run_name>.
 
     `datasets` are the Ray datasets of `info` when the caller already materialized them (a sweep
-    shares one copy between trials). `loop` replaces the worker function (benchmarks time their own).
+    shares one copy between trials). `loop` replaces the worker function (benchmarks time their own);
+    `extra_loop_config` adds entries to the dict it receives.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -175,14 +273,15 @@ def build_trainer(
     fs, path = storage.pyarrow_filesystem(storage.join(cfg.storage.root, storage_subdir))
     return TorchTrainer(
         loop,
-        train_loop_config={"cfg": cfg, "data": info, "run_name": run_name, "group": group},
+        train_loop_config={"cfg": cfg, "data": info, "run_name": run_name, "group": group, **(extra_loop_config or {})},
         torch_config=TorchConfig(backend=cfg.parallel.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
-        # Only the training split is sharded; every rank reads val and evaluates its stride of batches.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # No split by Ray: every rank reads each split in the same order and keeps its own stride of rows
+        # (see worker_rows), so a rank's share does not depend on which worker asked for blocks first.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         datasets=datasets or ray_datasets(info),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=path, storage_filesystem=fs, callbacks=callbacks or [],
@@ -201,14 +300,21 @@ def result_from_ray(result, root: str, info: DatasetInfo) -> TrainResult:
     if not result.best_checkpoints:
         raise RuntimeError("training reported no checkpoint")
     checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
-    return TrainResult(metrics=dict(metrics), checkpoint_path=checkpoint.path, history=read_history(root, checkpoint.path), run_path=result.path, data=info)
+    latest = result.checkpoint.path if result.checkpoint is not None else checkpoint.path
+    return TrainResult(
+        metrics=dict(metrics), checkpoint_path=checkpoint.path, history=read_history(root, checkpoint.path), run_path=result.path,
+        data=info, run_history=read_history(root, latest),
+    )
 
 
-def run_train(cfg: PipelineConfig, info: Optional[DatasetInfo] = None) -> TrainResult:
-    """Train `cfg` once (Ray must be connected). Returns metrics and the best checkpoint."""
+def run_train(cfg: PipelineConfig, info: Optional[DatasetInfo] = None, datasets=None) -> TrainResult:
+    """Train `cfg` once (Ray must be connected). Returns metrics and the best checkpoint.
+
+    `datasets` are `ray_datasets(info)` when the caller already materialized them for several runs.
+    """
     info = info or prepare_dataset(cfg.data, cfg.storage.root)
     run_name = f"{cfg.run_name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
-    trainer = build_trainer(cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results")
+    trainer = build_trainer(cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results", datasets=datasets)
     return result_from_ray(trainer.fit(), cfg.storage.root, info)
 
 
