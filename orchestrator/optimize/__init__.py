@@ -1,0 +1,32 @@
+"""Compression as a gated stage: int8 quantization, L1 pruning and knowledge distillation.
+
+`run_optimize(cfg, ref)` makes the variants named in `cfg.optimize.methods` from a registry version,
+evaluates each on the val split through the same code path that serves it
+(`orchestrator.servable.build_servable`), registers it as a variant of its parent only when its
+accuracy drop is within `cfg.optimize.tolerance`, and writes a report (Markdown and CSV) under
+`<storage root>/reports/optimize/`.
+
+Modules: `quantize` (int8 modules to and from plain arrays), `prune` (L1 masks), `finetune` (the Ray
+Train loop shared by the pruning fine-tune and distillation), `distill` (teacher outputs computed once
+with Ray Data), `methods` (one small class per method), `gate`, `report`, `run`.
+
+Names are imported on first use: a serving replica that only needs `quantize` never imports Ray Train.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "orchestrator.optimize.run": ["OptimizeResult", "run_optimize", "needs_ray"],
+    "orchestrator.optimize.gate": ["AccuracyGate", "GateDecision"],
+    "orchestrator.optimize.report": ["VariantReport"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'orchestrator.optimize' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
