@@ -64,3 +64,22 @@ def test_one_offline_wandb_run_per_trial(sweep_and_root):
     _, sweep, root = sweep_and_root
     runs = [d for d in os.listdir(root / "wandb" / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == len(sweep.trials), "expected exactly one (rank 0) run per trial"
+
+
+def test_schedule_boundaries_and_decay_are_swept_like_any_hyperparameter(ray_cluster, tmp_path):
+    from orchestrator.config import ScheduleConfig
+
+    cfg = PipelineConfig(
+        storage=StorageConfig(root=f"file://{tmp_path}"), tracking=TrackingConfig(enabled=False), train=TrainConfig(epochs=4),
+        schedule=ScheduleConfig(kind="layerwise"),
+        tune=TuneConfig(num_samples=1, scheduler="fifo", search_space={
+            "schedule": {"phase_epochs": ["grid", [1, 1, 2], [2, 1, 1]], "lr_decay": ["grid", 0.5]}}),
+    )
+    sweep = run_sweep(cfg)
+    assert sorted(tuple(t.overrides["schedule.phase_epochs"]) for t in sweep.trials) == [(1, 1, 2), (2, 1, 1)]
+    assert all(t.status == "completed" and t.epochs_run == 4 for t in sweep.trials)
+    # The best trial's history shows its own phase boundaries.
+    boundaries = sweep.best_overrides["schedule.phase_epochs"]
+    phases = [h["phase"] for h in sweep.best.history]
+    expected = [p for p, n in enumerate(boundaries) for _ in range(n)]
+    assert phases == expected[: len(phases)]

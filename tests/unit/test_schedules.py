@@ -30,7 +30,7 @@ def test_layerwise_trains_each_stage_on_a_frozen_prefix_then_finetunes():
     assert [p.output for p in phases] == ["block0", "block1", HEAD, HEAD]
     assert phases[1].path == ("block0", "block1")  # stages above the phase's output do not run
     assert [p.epochs for p in phases] == [3, 3, 3, 3] and [p.first_epoch for p in phases] == [0, 3, 6, 9]
-    assert phases[3].lr == pytest.approx({"block0": 0.003, "block1": 0.003, "block2": 0.003, HEAD: 0.003})
+    assert phases[3].lr == pytest.approx({"block0": 0.01, "block1": 0.01, "block2": 0.01, HEAD: 0.01})
 
 
 def test_gradual_unfreeze_unfreezes_top_down_with_decayed_rates():
