@@ -4,8 +4,11 @@
     serve deploy serve/config.yaml -a http://127.0.0.1:<dashboard port>
 
 `args` in the config file: storage_root, model, ref (version number, alias or 'latest'), plus any
-ServeConfig field (min_replicas, max_batch_size, ...) to override. Host and port belong to the
-config file's http_options, not here.
+ServeConfig field (min_replicas, max_batch_size, auth: {enabled: false}, limits: {...}, ...) to
+override. Host and port belong to the config file's http_options, not here.
+`python -m jobs.deploy serve.write_config=out.yaml` writes such a file for any alias.
+
+With auth on and no key in the store yet, building the app creates one and prints it once.
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ from typing import Any, Dict
 from ray.serve import Application
 
 from orchestrator.config import PipelineConfig, RegistryConfig, ServeConfig, StorageConfig
-from orchestrator.serving import build_app
+from orchestrator.serving import api_key_for_deploy, build_app
 
 REQUIRED_ARGS = ("storage_root", "model", "ref")
+NOT_ARGS = ("host", "port", "model_version", "write_config", "block", "app_name")
+"""ServeConfig fields a config file sets elsewhere (http_options, the application's name) or that mean nothing here."""
 
 
 def app_builder(args: Dict[str, Any]) -> Application:
     """Build the app for the registry version named by `args`. Raises ValueError for bad args."""
-    return build_app(config_from_args(args), str(args["ref"]))
+    cfg = config_from_args(args)
+    app = build_app(cfg, str(args["ref"]))
+    api_key_for_deploy(cfg, mint=False)  # first start only: the store keeps hashes, a later key could not be shown
+    return app
 
 
 def config_from_args(args: Dict[str, Any]) -> PipelineConfig:
@@ -32,7 +40,7 @@ def config_from_args(args: Dict[str, Any]) -> PipelineConfig:
     if missing:
         raise ValueError(f"serve app args are missing {missing} (required: {list(REQUIRED_ARGS)})")
     overrides = {key: value for key, value in args.items() if key not in REQUIRED_ARGS}
-    allowed = {f.name for f in dataclasses.fields(ServeConfig)} - {"host", "port", "model_version"}
+    allowed = {f.name for f in dataclasses.fields(ServeConfig)} - set(NOT_ARGS)
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(f"unknown serve app args {unknown}: allowed are {list(REQUIRED_ARGS)} and {sorted(allowed)}")

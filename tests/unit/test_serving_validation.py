@@ -125,3 +125,21 @@ def test_serve_app_args_compose_a_pipeline_config():
         config_from_args({"storage_root": "/tmp/x", "model": "m", "ref": "production", "port": 9000})
     with pytest.raises(ValueError, match="serve.max_replicas"):
         config_from_args({"storage_root": "/tmp/x", "model": "m", "ref": "production", "min_replicas": 3, "max_replicas": 1})
+
+
+def test_non_finite_values_pass_when_configured():
+    raw = b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, NaN, -Infinity, 1e39]}]}'
+    rows = parse_infer_request(raw, INPUT_SHAPE, MAX_ROWS, allow_non_finite=True).rows
+    assert np.isnan(rows[0, 1]) and rows[0, 2] == -np.inf and rows[0, 3] == np.inf
+    huge = parse_infer_request(body(shape=[1, 4], data=[0, 10**400, -(10**400), 3]), INPUT_SHAPE, MAX_ROWS, allow_non_finite=True)
+    assert huge.rows[0, 1] == np.inf and huge.rows[0, 2] == -np.inf
+
+
+def test_datatype_and_byte_limit_come_from_the_caller():
+    parsed = parse_infer_request(body(datatype="FP64"), INPUT_SHAPE, MAX_ROWS, datatype="FP64")
+    assert parsed.rows.shape == (2, 4)
+    with pytest.raises(BadRequest, match="this model takes 'FP64'"):
+        parse_infer_request(body(), INPUT_SHAPE, MAX_ROWS, datatype="FP64")
+    with pytest.raises(BadRequest) as caught:
+        parse_infer_request(body(), INPUT_SHAPE, MAX_ROWS, max_body_bytes=20)
+    assert caught.value.status == 413 and "20 bytes" in caught.value.message
