@@ -1,8 +1,9 @@
-"""data -> sweep -> register -> deploy -> check. `python -m jobs.pipeline [overrides]`"""
+"""data -> sweep -> register -> [optimize] -> deploy -> check. `python -m jobs.pipeline [overrides]`"""
 
 import hydra
 
 from orchestrator.config import register_configs, to_config
+from orchestrator.optimize.run import print_report
 from orchestrator.pipeline import connected, print_summary, run_pipeline, serve_until_interrupted
 
 register_configs()
@@ -13,6 +14,8 @@ def main(dcfg) -> None:
     cfg = to_config(dcfg)  # a bad override fails here, before Ray starts
     with connected(cfg):
         result = run_pipeline(cfg)
+        if result.optimize is not None:
+            print_report(result.optimize)
         print_summary(result.summary())
         if cfg.serve.block:
             serve_until_interrupted(cfg)

@@ -15,10 +15,14 @@ import importlib
 
 _EXPORTS = {
     "orchestrator.config": [
-        "DataConfig", "ModelConfig", "ParallelConfig", "PipelineConfig", "RegistryConfig", "ScalingConfig",
-        "ServeConfig", "StorageConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "to_config", "with_overrides",
+        "CompareConfig", "DataConfig", "ModelConfig", "OptimizeConfig", "ParallelConfig", "PhaseConfig", "PipelineConfig",
+        "RegistryConfig", "ScalingConfig", "ScheduleConfig", "ServeConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
+        "TuneConfig", "to_config", "with_overrides",
     ],
+    "orchestrator.compare": ["CompareResult", "run_compare"],
+    "orchestrator.schedules": ["Phase", "expand_schedule"],
     "orchestrator.data": ["DatasetInfo", "load_split", "prepare_dataset"],
+    "orchestrator.optimize.run": ["OptimizeResult", "run_optimize"],
     "orchestrator.models": ["StagedModel", "build_model"],
     "orchestrator.pipeline": ["PipelineResult", "connected", "register_run", "register_sweep", "run_pipeline"],
     "orchestrator.registry": ["IntegrityError", "ModelRegistry", "ModelVersion", "RegistryError"],

@@ -17,8 +17,12 @@ from typing import Any, Dict, List, Optional
 SAMPLERS = ("uniform", "loguniform", "choice", "randint", "grid")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 BUILTIN_MODELS = ("mlp", "cnn")
-PARALLEL_STRATEGIES = ("ddp",)
+PARALLEL_STRATEGIES = ("ddp", "fsdp", "pipeline")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+SCHEDULE_KINDS = ("end_to_end", "layerwise", "gradual_unfreeze", "custom")
 TUNE_SCHEDULERS = ("asha", "fifo")
+OPTIMIZE_METHODS = ("int8_dynamic", "int8_static", "prune_unstructured", "prune_structured", "distill")
+QUANT_BACKENDS = ("x86", "fbgemm", "qnnpack")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -91,13 +95,89 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class ParallelConfig:
     strategy: str = "ddp"
-    """How workers split the work: 'ddp' (data parallel, replicated model)."""
+    """How workers split a training run: 'ddp' (replicated model, gradients all-reduced), 'fsdp'
+    (FSDP2 fully_shard: parameters, gradients and optimizer state sharded across workers) or
+    'pipeline' (the trainable stages split across workers, micro-batched with torch.distributed.pipelining)."""
     backend: str = "gloo"
     """torch.distributed backend: 'gloo' (CPU) or 'nccl' (GPU)."""
+    pipeline_schedule: str = "1f1b"
+    """pipeline: 'gpipe' (all forwards, then all backwards) or '1f1b' (interleaved, less activation memory)."""
+    microbatches: int = 4
+    """pipeline: micro-batches per batch; the batch size must be divisible by it."""
 
     def __post_init__(self) -> None:
         _one_of(self.strategy, "parallel.strategy", PARALLEL_STRATEGIES)
         _one_of(self.backend, "parallel.backend", ("gloo", "nccl"))
+        _one_of(self.pipeline_schedule, "parallel.pipeline_schedule", PIPELINE_SCHEDULES)
+        _require(self.microbatches >= 1, "parallel.microbatches", f"must be >= 1, got {self.microbatches}")
+
+
+@dataclass(kw_only=True)
+class PhaseConfig:
+    """One phase of a custom schedule."""
+
+    trainable: List[str] = field(default_factory=lambda: ["*"])
+    """Stage names (and/or 'head') trained in this phase; '*' means every stage and the head."""
+    epochs: int = 1
+    """Epochs of this phase."""
+    lr_scale: float = 1.0
+    """Learning rate of the phase, as a multiple of train.lr."""
+    stage_lr_scale: Dict[str, float] = field(default_factory=dict)
+    """Extra multiplier per trainable stage name (e.g. {block0: 0.1})."""
+    output: str = "head"
+    """'head' (the model's head) or a stage name: train through that stage and a fresh auxiliary head on it."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.trainable) >= 1, "schedule.phases.trainable", "must name at least one stage, 'head' or '*'")
+        _require(self.epochs >= 1, "schedule.phases.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.lr_scale > 0, "schedule.phases.lr_scale", f"must be > 0, got {self.lr_scale}")
+        _require(all(v > 0 for v in self.stage_lr_scale.values()), "schedule.phases.stage_lr_scale", "values must be > 0")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    kind: str = "end_to_end"
+    """'end_to_end' (one phase, everything trainable), 'layerwise' (greedy: phase k trains stage k with an
+    auxiliary head, the stages below frozen; then an optional joint fine-tune), 'gradual_unfreeze' (the head on
+    a frozen body, then stages unfrozen from the top down) or 'custom' (`phases` as written)."""
+    phase_epochs: List[int] = field(default_factory=list)
+    """Epochs of each phase (its length must match the phase count); empty splits train.epochs evenly, the
+    remainder going to the last phases. Sweep phase boundaries with e.g. [choice,[2,2,8],[4,4,4]]."""
+    finetune: bool = True
+    """layerwise: end with a phase that trains every stage and the head jointly."""
+    finetune_lr_scale: float = 1.0
+    """layerwise: learning rate of the joint fine-tune, as a multiple of train.lr."""
+    lr_decay: float = 1.0
+    """Per-stage learning-rate decay going down from the head: a stage d stages below the head trains at
+    lr * lr_decay**d (gradual_unfreeze, and the layerwise fine-tune). 1.0 means no decay."""
+    cache_frozen: bool = True
+    """Compute a frozen prefix's outputs once per phase and train the phase on them (same results, less compute)."""
+    phases: List[PhaseConfig] = field(default_factory=list)
+    """kind=custom: the phases, in order."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, "schedule.kind", SCHEDULE_KINDS)
+        _require(all(e >= 1 for e in self.phase_epochs), "schedule.phase_epochs", f"must all be >= 1, got {self.phase_epochs}")
+        _require(self.finetune_lr_scale > 0, "schedule.finetune_lr_scale", f"must be > 0, got {self.finetune_lr_scale}")
+        _require(0 < self.lr_decay <= 1, "schedule.lr_decay", f"must be in (0, 1], got {self.lr_decay}")
+        _require((self.kind == "custom") == bool(self.phases), "schedule.phases", "must be given exactly when schedule.kind=custom")
+        self.phases = [PhaseConfig(**p) if isinstance(p, dict) else p for p in self.phases]
+
+
+@dataclass(kw_only=True)
+class CompareConfig:
+    """jobs.compare: schedules raced on the same data and epoch budget."""
+
+    schedules: List[str] = field(default_factory=lambda: ["end_to_end", "layerwise", "gradual_unfreeze"])
+    """Schedule kinds to compare; the configured `schedule` supplies the settings of its own kind."""
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    """train.seed of each repetition (weights and data order; the split stays fixed)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.schedules) >= 1, "compare.schedules", "must name at least one schedule")
+        for kind in self.schedules:
+            _one_of(kind, "compare.schedules", SCHEDULE_KINDS)
+        _require(len(self.seeds) >= 1, "compare.seeds", "must list at least one seed")
 
 
 @dataclass(kw_only=True)
@@ -199,6 +279,64 @@ class TuneConfig:
 
 
 @dataclass(kw_only=True)
+class AuthConfig:
+    enabled: bool = True
+    """Require an API key (`Authorization: Bearer <key>`) on every model and admin route.
+    False serves without keys and logs a warning at deploy time."""
+    keys_url: str = ""
+    """fsspec URL of the hashed key store; empty means <storage.root>/serving/api_keys.json."""
+    cache_ttl_s: float = 1.0
+    """How long an ingress replica trusts its copy of the key store: a revoked key stops working
+    within this time."""
+
+    def __post_init__(self) -> None:
+        _require(self.cache_ttl_s >= 0, "serve.auth.cache_ttl_s", f"must be >= 0, got {self.cache_ttl_s}")
+
+
+@dataclass(kw_only=True)
+class LimitsConfig:
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest infer body accepted (larger is answered 413 before it is parsed)."""
+    request_timeout_s: float = 30.0
+    """Longest an infer request may wait for the model; longer is answered 504."""
+    max_pending_requests: int = 64
+    """Infer requests one ingress replica holds at once; more are answered 503 with Retry-After."""
+    retry_after_s: int = 1
+    """Seconds a client is told to wait (Retry-After) when the queue is full."""
+    allow_non_finite: bool = False
+    """Accept NaN and +-Infinity in infer data (JSON NaN/Infinity tokens, or values beyond FP32)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_body_bytes >= 1024, "serve.limits.max_body_bytes", f"must be >= 1024, got {self.max_body_bytes}")
+        _require(self.request_timeout_s > 0, "serve.limits.request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
+        _require(self.max_pending_requests >= 1, "serve.limits.max_pending_requests", f"must be >= 1, got {self.max_pending_requests}")
+        _require(self.retry_after_s >= 1, "serve.limits.retry_after_s", f"must be >= 1, got {self.retry_after_s}")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    auto_rollback: bool = True
+    """Drop the candidate by itself when it breaks `max_error_rate` or `max_p99_ms`."""
+    max_error_rate: float = 0.05
+    """Share of the candidate's requests that may fail (5xx or timeout) in the window."""
+    max_p99_ms: float = 2000.0
+    """p99 latency (ms) the candidate may reach in the window."""
+    min_requests: int = 20
+    """Candidate requests in the window before it is judged at all."""
+    window_s: float = 60.0
+    """Sliding window (seconds) of candidate requests that is judged."""
+    sync_interval_s: float = 0.5
+    """How often each ingress replica reports outcomes and fetches the routing table."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.max_error_rate <= 1.0, "serve.rollout.max_error_rate", f"must be in [0, 1], got {self.max_error_rate}")
+        _require(self.max_p99_ms > 0, "serve.rollout.max_p99_ms", f"must be > 0, got {self.max_p99_ms}")
+        _require(self.min_requests >= 1, "serve.rollout.min_requests", f"must be >= 1, got {self.min_requests}")
+        _require(self.window_s > 0, "serve.rollout.window_s", f"must be > 0, got {self.window_s}")
+        _require(self.sync_interval_s > 0, "serve.rollout.sync_interval_s", f"must be > 0, got {self.sync_interval_s}")
+
+
+@dataclass(kw_only=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     """Address the HTTP proxy binds (keep loopback unless the network is trusted)."""
@@ -207,33 +345,56 @@ class ServeConfig:
     app_name: str = "orchestrator"
     """Ray Serve application name."""
     model_version: str = "production"
-    """Registry version number or alias to deploy (jobs.deploy)."""
+    """Registry version number or alias to deploy (jobs.deploy); other models are served at this
+    alias, or at their latest version when they lack it."""
     min_replicas: int = 1
-    """Autoscaling lower bound."""
+    """Autoscaling lower bound of the model replicas (0: scale to zero when idle)."""
     max_replicas: int = 2
     """Autoscaling upper bound."""
     target_ongoing_requests: float = 4.0
     """Autoscaling target of in-flight requests per replica."""
+    downscale_delay_s: float = 600.0
+    """Seconds of low load before a replica is removed (with min_replicas=0: before the model
+    scales to zero)."""
     replica_cpus: float = 0.25
     """Logical CPUs each model replica reserves."""
+    batching: bool = True
+    """Merge concurrent requests into one forward pass (`@serve.batch`)."""
     max_batch_size: int = 32
     """Requests merged into one forward pass by dynamic batching."""
     batch_wait_timeout_s: float = 0.005
     """How long a batch waits to fill."""
+    max_models_per_replica: int = 4
+    """Model versions one replica keeps loaded (`serve.multiplexed`, least recently used leaves first)."""
     max_rows_per_request: int = 1024
     """Rows one infer request may carry (more is answered 413)."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """API keys and scopes."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Request size, time and queue limits."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Canary judging and automatic rollback."""
+    write_config: str = ""
+    """jobs.deploy: write a Serve config file (for `serve run` / `serve deploy`) to this path and exit
+    instead of deploying."""
     block: bool = True
     """Keep serving after the pipeline finishes (False: exit right after the endpoint check)."""
 
     def __post_init__(self) -> None:
+        # A manifest's recorded config comes back as plain dicts (from_dict): rebuild the sections.
+        for name, cls in (("auth", AuthConfig), ("limits", LimitsConfig), ("rollout", RolloutConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
         _require(1 <= self.port <= 65535, "serve.port", f"must be a TCP port, got {self.port}")
         _require(bool(self.model_version), "serve.model_version", "must not be empty")
-        _require(self.min_replicas >= 1, "serve.min_replicas", f"must be >= 1, got {self.min_replicas}")
-        _require(self.max_replicas >= self.min_replicas, "serve.max_replicas", f"must be >= serve.min_replicas ({self.min_replicas}), got {self.max_replicas}")
+        _require(self.min_replicas >= 0, "serve.min_replicas", f"must be >= 0, got {self.min_replicas}")
+        _require(self.max_replicas >= max(1, self.min_replicas), "serve.max_replicas", f"must be >= 1 and >= serve.min_replicas ({self.min_replicas}), got {self.max_replicas}")
         _require(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
+        _require(self.downscale_delay_s >= 0, "serve.downscale_delay_s", "must be >= 0")
         _require(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
         _require(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
         _require(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
+        _require(self.max_models_per_replica >= 1, "serve.max_models_per_replica", "must be >= 1")
         _require(self.max_rows_per_request >= 1, "serve.max_rows_per_request", "must be >= 1")
 
 
@@ -280,6 +441,94 @@ class RegistryConfig:
 
 
 @dataclass(kw_only=True)
+class QuantizeConfig:
+    backend: str = "x86"
+    """torch quantized engine of the int8 kernels: 'x86' or 'fbgemm' (x86 CPUs), 'qnnpack' (ARM).
+    Recorded in the variant; the serving machine must support the same engine."""
+    calibration_rows: int = 512
+    """int8_static: training rows run through the model to calibrate activation ranges."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.backend, "optimize.quantize.backend", QUANT_BACKENDS)
+        _require(self.calibration_rows >= 1, "optimize.quantize.calibration_rows", f"must be >= 1, got {self.calibration_rows}")
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    sparsity: float = 0.5
+    """Fraction pruned by L1 magnitude: of all weight entries (prune_unstructured, one global threshold),
+    or of the output units/channels of every layer but the head (prune_structured)."""
+    finetune_epochs: int = 2
+    """Epochs of Ray Train fine-tuning after pruning, the pruned entries held at zero (0: none)."""
+    lr: float = 0.001
+    """Learning rate of the fine-tune."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.sparsity < 1.0, "optimize.prune.sparsity", f"must be in (0, 1), got {self.sparsity}")
+        _require(self.finetune_epochs >= 0, "optimize.prune.finetune_epochs", f"must be >= 0, got {self.finetune_epochs}")
+        _require(self.lr > 0, "optimize.prune.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    student: Dict[str, Any] = field(default_factory=lambda: {"hidden": [32]})
+    """Overrides of the parent's model config that make the smaller student (e.g. {hidden: [32]})."""
+    temperature: float = 4.0
+    """Softmax temperature of the teacher's and the student's soft targets."""
+    alpha: float = 0.7
+    """Weight of the soft-target loss (KL to the teacher, scaled by temperature^2); 1 - alpha weighs the labels."""
+    epochs: int = 12
+    """Epochs of student training on Ray Train."""
+    lr: float = 0.01
+    """Learning rate of the student."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.student) - {f.name for f in dataclasses.fields(ModelConfig)})
+        _require(not unknown, "optimize.distill.student", f"names no model config field: {unknown}")
+        try:
+            ModelConfig(**self.student)
+        except ValueError as err:
+            raise ValueError(f"optimize.distill.student is not a valid model: {err}") from None
+        _require(self.temperature > 0, "optimize.distill.temperature", f"must be > 0, got {self.temperature}")
+        _require(0.0 <= self.alpha <= 1.0, "optimize.distill.alpha", f"must be in [0, 1], got {self.alpha}")
+        _require(self.epochs >= 1, "optimize.distill.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.lr > 0, "optimize.distill.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class OptimizeConfig:
+    methods: List[str] = field(default_factory=list)
+    """Compressed variants to make, each gated on accuracy: int8_dynamic, int8_static, prune_unstructured,
+    prune_structured, distill. Empty skips the step."""
+    source: str = "production"
+    """jobs.optimize: registry version number or alias to compress (the pipeline uses the version it just registered)."""
+    tolerance: float = 0.01
+    """Largest val accuracy drop against the parent (absolute: 0.01 is one point) a variant may show and be registered."""
+    set_aliases: bool = True
+    """Point the alias '<method>' (e.g. int8_dynamic) at each registered variant, so it deploys by alias."""
+    latency_repeats: int = 30
+    """Timed forward passes per batch size in the report (median kept)."""
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    """int8 quantization."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """L1 magnitude pruning and its fine-tune."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Knowledge distillation into a smaller student."""
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            _one_of(method, "optimize.methods", OPTIMIZE_METHODS)
+        _require(len(set(self.methods)) == len(self.methods), "optimize.methods", f"must not repeat a method, got {self.methods}")
+        _require(bool(self.source), "optimize.source", "must not be empty")
+        _require(0.0 <= self.tolerance <= 1.0, "optimize.tolerance", f"must be in [0, 1], got {self.tolerance}")
+        _require(self.latency_repeats >= 1, "optimize.latency_repeats", f"must be >= 1, got {self.latency_repeats}")
+        # from_dict (a registry manifest) rebuilds one level of dataclasses; the sections come as dicts.
+        for name, cls in (("quantize", QuantizeConfig), ("prune", PruneConfig), ("distill", DistillConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+
+
+@dataclass(kw_only=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Where samples come from and how they are split."""
@@ -287,6 +536,10 @@ class PipelineConfig:
     """Architecture, as ordered stages plus a head."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel plan of a training run."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Which stages train when: end-to-end or layer-staged."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """jobs.compare: which schedules, over which seeds."""
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     """Workers and resources."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -301,11 +554,22 @@ class PipelineConfig:
     """Experiment tracking."""
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     """Versioned models."""
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    """Compressed variants of a registered version (off unless `optimize.methods` names some)."""
     run_name: str = "default"
     """Names this run's Train/Tune results under the storage root (set by experiment files too)."""
 
     def __post_init__(self) -> None:
         _require(_is_identifier(self.run_name), "run_name", f"must be letters, digits, '-', '_' or '.', got {self.run_name!r}")
+        if self.parallel.strategy == "pipeline":
+            _require(self.train.batch_size % self.parallel.microbatches == 0, "parallel.microbatches",
+                     f"must divide train.batch_size ({self.train.batch_size}), got {self.parallel.microbatches}")
+            if self.parallel.pipeline_schedule == "1f1b":  # torch's 1F1B needs a micro-batch per stage in flight
+                _require(self.parallel.microbatches >= self.scaling.num_workers, "parallel.microbatches",
+                         f"must be >= scaling.num_workers ({self.scaling.num_workers}) for 1f1b, got {self.parallel.microbatches}")
+        from orchestrator.schedules import check_schedule  # imports this module: import late
+
+        check_schedule(self.schedule, self.model, self.train.epochs)
         for path, _ in iter_search_space(self.tune.search_space):
             _require(_has_field(self, path), f"tune.search_space.{path}", "names no config field")
 

@@ -6,12 +6,13 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
 from orchestrator.config import PipelineConfig, to_dict, with_overrides
 from orchestrator.data import load_split, prepare_dataset
+from orchestrator.optimize.run import OptimizeResult, run_optimize
 from orchestrator.registry import ModelRegistry, ModelVersion, signature_for
 from orchestrator.runtime import ensure_ray
 from orchestrator.serving import DeployResult, check_endpoint, run_deploy
@@ -30,6 +31,8 @@ class PipelineResult:
     deployment: DeployResult
     endpoint_accuracy: float
     """Accuracy of the labels the live endpoint returned for CHECK_ROWS val rows."""
+    optimize: Optional[OptimizeResult] = None
+    """The compressed variants of `version`, when `optimize.methods` named some."""
 
     def summary(self) -> Dict[str, Any]:
         """The job's final JSON line."""
@@ -40,6 +43,8 @@ class PipelineResult:
             "best_config": self.sweep.best_overrides,
             "endpoint": self.deployment.endpoint,
             "endpoint_check_accuracy": round(self.endpoint_accuracy, 4),
+            "api_key": self.deployment.api_key,
+            **({"variants": self.optimize.summary()["variants"]} if self.optimize else {}),
         }
 
 
@@ -85,19 +90,21 @@ def register_sweep(cfg: PipelineConfig, sweep: SweepResult) -> ModelVersion:
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
-    """Data -> sweep -> register -> deploy, then one real HTTP request to the new endpoint.
+    """Data -> sweep -> register -> [optimize] -> deploy, then one real HTTP request to the new endpoint.
 
     Ray must be connected (see `connected`). Raises if the endpoint does not answer correctly.
     """
     info = prepare_dataset(cfg.data, cfg.storage.root)
     sweep = run_sweep(cfg, info)
     version = register_sweep(cfg, sweep)
+    # Optional: gated compressed variants of the new version, registered beside it (deploy by alias).
+    optimized = run_optimize(cfg, str(version.version)) if cfg.optimize.methods else None
     deployment = run_deploy(cfg, str(version.version))
     features, labels = load_split(info, "val")
     answer = check_endpoint(deployment, features[:CHECK_ROWS])
     predicted = np.asarray(next(o for o in answer["outputs"] if o["name"] == "label")["data"])
     accuracy = float((predicted == labels[:CHECK_ROWS]).mean())
-    return PipelineResult(sweep=sweep, version=version, deployment=deployment, endpoint_accuracy=accuracy)
+    return PipelineResult(sweep=sweep, version=version, deployment=deployment, endpoint_accuracy=accuracy, optimize=optimized)
 
 
 def print_summary(summary: Dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -77,9 +77,13 @@ class ModelRegistry:
 
     def register(
         self, model: str, weights: Mapping[str, np.ndarray], *, metrics: Dict[str, Any], config: Dict[str, Any],
-        lineage: Dict[str, Any], signature: Dict[str, Any],
+        lineage: Dict[str, Any], signature: Dict[str, Any], variant: Optional[Dict[str, Any]] = None,
     ) -> ModelVersion:
-        """Add the next version of `model`. Returns it; never rewrites an existing version."""
+        """Add the next version of `model`. Returns it; never rewrites an existing version.
+
+        `variant` marks a compressed variant of another version ({"method", "parent_version", ...});
+        `orchestrator.servable.build_servable` dispatches on its "method".
+        """
         _check_name(model, "model name")
         blob = weights_to_bytes(weights)
         version, url = self._claim_next_version(model)
@@ -89,6 +93,8 @@ class ModelRegistry:
             "files": {WEIGHTS: sha256(blob)}, "metrics": metrics, "config": config, "lineage": lineage,
             "signature": signature,
         }
+        if variant is not None:
+            manifest["variant"] = variant
         text = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         storage.write_bytes_atomic(storage.join(url, MANIFEST_SUM), sha256(text).encode())
         storage.write_bytes_atomic(storage.join(url, MANIFEST), text)  # last: the version is complete

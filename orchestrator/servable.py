@@ -34,11 +34,25 @@ def build_servable(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> S
     method = variant.get("method")
     if method is None or method in FLOAT_WEIGHT_VARIANTS:
         return _shared_weights_model(manifest, arrays)
+    if method in INT8_VARIANTS:
+        return _int8_model(manifest, arrays)
     raise ValueError(f"registry version {manifest.get('version')} is a {method!r} variant, which this build cannot serve")
 
 
-FLOAT_WEIGHT_VARIANTS: tuple = ()
-"""Variant methods whose weights are plain float tensors of the recorded architecture."""
+FLOAT_WEIGHT_VARIANTS: tuple = ("prune_unstructured", "prune_structured", "distill")
+"""Variant methods whose weights are plain float tensors of the recorded architecture
+(pruned weights hold zeros; a distilled student's manifest records the student's architecture)."""
+
+INT8_VARIANTS: tuple = ("int8_dynamic", "int8_static")
+"""Variant methods stored as int8 arrays with scales and zero points (orchestrator.optimize.quantize)."""
+
+
+def _int8_model(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> Servable:
+    # Imported here: only replicas of an int8 variant need torch.ao quantization. The quantized
+    # module repacks the int8 arrays into its own kernels' layout (a private int8 copy per replica).
+    from orchestrator.optimize.quantize import int8_model
+
+    return int8_model(manifest, arrays)
 
 
 def meta_model(manifest: Dict[str, Any]) -> torch.nn.Module:

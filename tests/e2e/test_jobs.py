@@ -13,8 +13,9 @@ import pytest
 from tests.e2e.conftest import REPO, free_port, job_env, last_json_line, run_job
 
 
-def _post(url: str, body: dict) -> tuple:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, body: dict, key: str = "") -> tuple:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -43,6 +44,7 @@ def test_pipeline_prints_summary_and_exits(pipeline_run):
     assert summary["best_config"]["train.lr"] in (0.01, 0.003)
     assert summary["endpoint"] == f"http://127.0.0.1:{port}/v2/models/digits"
     assert summary["endpoint_check_accuracy"] >= 0.85
+    assert summary["api_key"].startswith("orc_")  # first start: a generated key, printed once
 
 
 def test_pipeline_state_lives_under_storage_root(pipeline_run):
@@ -71,8 +73,10 @@ def test_deploy_job_serves_an_alias_until_interrupted(pipeline_run):
         summary = _wait_for_json(proc, timeout=240)
         assert summary["version"] == json.loads((root / "registry" / "digits" / "aliases.json").read_text())["production"]
         x = np.zeros((2, 64), dtype=np.float32)
-        status, body = _post(f"{summary['endpoint']}/infer", {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": x.ravel().tolist()}]})
-        assert status == 200 and len(body["outputs"][1]["data"]) == 2
+        body = {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
+        assert _post(f"{summary['endpoint']}/infer", body)[0] == 401  # keys are on by default
+        status, answer = _post(f"{summary['endpoint']}/infer", body, summary["api_key"])
+        assert status == 200 and len(answer["outputs"][1]["data"]) == 2
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -101,10 +105,13 @@ def _wait_for_json(proc: subprocess.Popen, timeout: float) -> dict:
     ("serve.max_replicas=0", "serve.max_replicas"),
     ("tune.search_space.train.lr=[bogus,1]", "tune.search_space.train.lr"),
     ("data=parquet", "data.source"),
+    ("schedule=layerwise schedule.phase_epochs=[1,2]", "schedule.phase_epochs"),
+    ("parallel=pipeline parallel.microbatches=5", "parallel.microbatches"),
+    ("schedule.kind=sideways", "schedule.kind"),
 ])
 def test_bad_override_fails_before_ray_starts(override, field, tmp_path):
     started = time.time()
-    proc = run_job("pipeline", override, f"storage.root=file://{tmp_path}", timeout=120)
+    proc = run_job("pipeline", *override.split(), f"storage.root=file://{tmp_path}", timeout=120)
     assert proc.returncode != 0
     assert field in proc.stderr + proc.stdout
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
