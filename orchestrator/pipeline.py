@@ -112,18 +112,25 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print(json.dumps(summary, default=str), flush=True)
 
 
-def serve_until_interrupted(cfg: PipelineConfig) -> None:
-    """Block while Serve answers requests; Ctrl-C or SIGTERM (`ray job stop`) ends it cleanly."""
+def serve_until_interrupted(cfg: PipelineConfig, *, shutdown_timeout_s: float = 60.0) -> None:
+    """Block while Serve answers requests; Ctrl-C or SIGTERM (`ray job stop`) ends it cleanly.
+
+    Both signals only set an event, so they never interrupt a Ray call half-way. Serve's shutdown is
+    bounded: if it has not finished in `shutdown_timeout_s`, the job goes on to exit (an embedded Ray
+    is stopped with it) instead of hanging.
+    """
     import signal
     import threading
 
     from ray import serve
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     print(f"serving on http://{cfg.serve.host}:{cfg.serve.port} (Ctrl-C to stop)", flush=True)
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    serve.shutdown()
+    stop.wait()
+    stopper = threading.Thread(target=serve.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(shutdown_timeout_s)
+    if stopper.is_alive():
+        log.warning("serve.shutdown() did not finish within %.0f s; exiting anyway", shutdown_timeout_s)
