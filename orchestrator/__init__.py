@@ -11,7 +11,7 @@ A driver script needs only this module:
 Names are imported on first use, so `import orchestrator.config` stays light (no Ray, no torch).
 """
 
-import importlib
+from orchestrator._lazy import lazy_exports
 
 _EXPORTS = {
     "orchestrator.config": [
@@ -30,17 +30,4 @@ _EXPORTS = {
     "orchestrator.sweep": ["SweepResult", "run_sweep"],
     "orchestrator.train": ["TrainResult", "run_train"],
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports("orchestrator", _EXPORTS, globals())

@@ -197,7 +197,7 @@ def _restore(checkpoint, model: nn.Module, aux_heads: nn.ModuleDict) -> _Resume:
 def _train_epoch(runner, phase_model: PhaseModel, x, y, *, batch: int, seed: int, cached: bool) -> tuple:
     """One pass over this rank's rows in a seeded order; (mean loss over all ranks, rows trained here)."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    total, count = torch.zeros(()), torch.zeros(())
+    losses, count = [], 0
     # A pipeline's micro-batch shapes are fixed at its first step: it skips a last, smaller batch.
     stop = len(order) - len(order) % batch if not runner.shards_data else len(order)
     for start in range(0, stop, batch):
@@ -206,9 +206,10 @@ def _train_epoch(runner, phase_model: PhaseModel, x, y, *, batch: int, seed: int
         if runner.needs_inputs:
             inputs = x[index] if cached else phase_model.features(x[index])
         loss_sum, rows = runner.step(inputs, y[index])
-        total += float(loss_sum)
+        losses.append(loss_sum)  # kept as tensors: a float() per step would sync a GPU every step
         count += rows
-    return _global_mean(total, count), stop
+    total = torch.stack(losses).sum().cpu() if losses else torch.zeros(())
+    return _global_mean(total, torch.tensor(float(count))), stop
 
 
 @torch.no_grad()

@@ -13,20 +13,11 @@ with Ray Data), `methods` (one small class per method), `gate`, `report`, `run`.
 Names are imported on first use: a serving replica that only needs `quantize` never imports Ray Train.
 """
 
-import importlib
+from orchestrator._lazy import lazy_exports
 
 _EXPORTS = {
     "orchestrator.optimize.run": ["OptimizeResult", "run_optimize", "needs_ray"],
     "orchestrator.optimize.gate": ["AccuracyGate", "GateDecision"],
     "orchestrator.optimize.report": ["VariantReport"],
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'orchestrator.optimize' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value
-    return value
+__all__, __getattr__, __dir__ = lazy_exports("orchestrator.optimize", _EXPORTS, globals())

@@ -100,9 +100,10 @@ def test_canary_split_90_10(app):
     assert 19 <= counts["2"] <= 61, counts
 
 
-def test_rollback_under_load_fails_no_request(app):
-    admin(app, "start", {"version": 2, "percent": 50})
-    done, rolled_back_at = [0], [float("inf")]
+def _under_load(app, action: str, total: int = 320, after: int = 100) -> tuple:
+    """`total` infer requests from 8 clients; POST the admin `action` once `after` have been answered.
+    Returns ([(sent_at, response)], acted_at)."""
+    done, acted_at = [0], [float("inf")]
 
     def send(i):
         started = time.monotonic()
@@ -110,19 +111,25 @@ def test_rollback_under_load_fails_no_request(app):
         done[0] += 1
         return started, response
 
-    def roll_back_midway():
-        while done[0] < 100:
+    def act_midway():
+        while done[0] < after:
             time.sleep(0.01)
-        requests.post(f"{app.admin}/rollback", headers=headers(app), timeout=60).raise_for_status()
-        rolled_back_at[0] = time.monotonic()
+        requests.post(f"{app.admin}/{action}", headers=headers(app), timeout=60).raise_for_status()
+        acted_at[0] = time.monotonic()
 
-    trigger = threading.Thread(target=roll_back_midway)
+    trigger = threading.Thread(target=act_midway)
     trigger.start()
-    results = hammer(send, 320)
+    results = hammer(send, total)
     trigger.join()
+    return results, acted_at[0]
+
+
+def test_rollback_under_load_fails_no_request(app):
+    admin(app, "start", {"version": 2, "percent": 50})
+    results, rolled_back_at = _under_load(app, "rollback")
     assert [r.status_code for _, r in results].count(200) == 320, [r.text for _, r in results if r.status_code != 200][:3]
     before = served_versions([r for started, r in results[:80]])
-    after = served_versions([r for started, r in results if started > rolled_back_at[0] + 2 * SYNC_S])
+    after = served_versions([r for started, r in results if started > rolled_back_at + 2 * SYNC_S])
     assert before.get("2", 0) > 0 and set(after) == {"1"}, (before, after)
     assert admin(app, "status")["candidate"] is None
 
@@ -130,27 +137,10 @@ def test_rollback_under_load_fails_no_request(app):
 def test_hot_swap_under_load_keeps_the_replicas(app):
     before = replicas(app, 1)
     admin(app, "start", {"version": 2, "percent": 0})
-    done, promoted_at = [0], [float("inf")]
-
-    def send(i):
-        started = time.monotonic()
-        response = infer(app, i)
-        done[0] += 1
-        return started, response
-
-    def promote_midway():
-        while done[0] < 100:
-            time.sleep(0.01)
-        requests.post(f"{app.admin}/promote", headers=headers(app), timeout=60).raise_for_status()
-        promoted_at[0] = time.monotonic()
-
-    trigger = threading.Thread(target=promote_midway)
-    trigger.start()
-    results = hammer(send, 320)
-    trigger.join()
+    results, promoted_at = _under_load(app, "promote")
     assert [r.status_code for _, r in results].count(200) == 320
     assert set(served_versions([r for _, r in results[:80]])) == {"1"}
-    assert set(served_versions([r for started, r in results if started > promoted_at[0] + 2 * SYNC_S])) == {"2"}
+    assert set(served_versions([r for started, r in results if started > promoted_at + 2 * SYNC_S])) == {"2"}
     after = replicas(app, 2)
     # The same replica processes now run version 2, on a different object-store copy than version 1.
     assert set(after) <= set(before) and {i["pid"] for i in after.values()} <= {i["pid"] for i in before.values()}
