@@ -19,7 +19,8 @@ def main(dcfg) -> None:
         print(f"{trial.trial_id}  {trial.status:<14} epochs={trial.epochs_run:<3} val_accuracy={trial.val_accuracy}  {trial.overrides}")
     print_summary({
         "model": version.model, "version": version.version, "val_accuracy": sweep.best.metrics["val_accuracy"],
-        "best_config": sweep.best_overrides, "plot": sweep.plot_url,
+        "best_config": sweep.best_overrides, "plot": sweep.plot_url, "sweep": sweep.name,
+        "trials": [{"id": t.trial_id, "status": t.status, "epochs": t.epochs_run} for t in sweep.trials],
     })
 
 

@@ -15,7 +15,10 @@ def main(dcfg) -> None:
     with connected(cfg):
         result = run_train(cfg)
         version = register_run(cfg, result, {"kind": "train", "run": result.run_path})
-    print_summary({"model": version.model, "version": version.version, "val_accuracy": result.metrics["val_accuracy"], "epoch": result.metrics["epoch"]})
+    last = result.run_history[-1]
+    resumed_from = sorted({row["restored_epoch"] for row in result.run_history if row["restored_epoch"] > 0})
+    print_summary({"model": version.model, "version": version.version, "val_accuracy": result.metrics["val_accuracy"], "epoch": result.metrics["epoch"],
+                   "epochs_trained": last["epoch"], "steps": last["steps"], "resumed_from": resumed_from, "run": result.run_path})
 
 
 if __name__ == "__main__":

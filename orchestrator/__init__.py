@@ -15,13 +15,14 @@ from orchestrator._lazy import lazy_exports
 
 _EXPORTS = {
     "orchestrator.config": [
-        "CompareConfig", "DataConfig", "ModelConfig", "OptimizeConfig", "ParallelConfig", "PhaseConfig", "PipelineConfig",
-        "RegistryConfig", "ScalingConfig", "ScheduleConfig", "ServeConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
-        "TuneConfig", "to_config", "with_overrides",
+        "CompareConfig", "DataConfig", "ExportConfig", "ModelConfig", "OptimizeConfig", "ParallelConfig", "PhaseConfig",
+        "PipelineConfig", "RegistryConfig", "ScalingConfig", "ScheduleConfig", "ServeConfig", "StorageConfig",
+        "TrackingConfig", "TrainConfig", "TuneConfig", "to_config", "with_overrides",
     ],
     "orchestrator.compare": ["CompareResult", "run_compare"],
     "orchestrator.schedules": ["Phase", "expand_schedule"],
     "orchestrator.data": ["DatasetInfo", "load_split", "prepare_dataset"],
+    "orchestrator.export": ["validate_manifest", "write_manifests"],
     "orchestrator.optimize.run": ["OptimizeResult", "run_optimize"],
     "orchestrator.models": ["StagedModel", "build_model"],
     "orchestrator.pipeline": ["PipelineResult", "connected", "register_run", "register_sweep", "run_pipeline"],

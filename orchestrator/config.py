@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -23,6 +24,8 @@ SCHEDULE_KINDS = ("end_to_end", "layerwise", "gradual_unfreeze", "custom")
 TUNE_SCHEDULERS = ("asha", "fifo")
 OPTIMIZE_METHODS = ("int8_dynamic", "int8_static", "prune_unstructured", "prune_structured", "distill")
 QUANT_BACKENDS = ("x86", "fbgemm", "qnnpack")
+EXPORT_KINDS = ("raycluster", "rayjob", "rayservice")
+EXPORT_JOBS = ("train", "sweep", "pipeline")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -247,6 +250,9 @@ class TuneConfig:
     """ASHA: keep the top 1/reduction_factor at each rung."""
     trial_cpus: float = 0.01
     """Logical CPUs of each trial's driver (the workers reserve their own)."""
+    max_failures: int = 2
+    """Times a trial whose process died is retried (its training resumes from its newest complete
+    checkpoint); a trial that fails more often is reported as errored, never dropped."""
     search_space: Dict[str, Any] = field(
         default_factory=lambda: {
             "train": {"lr": ["loguniform", 0.001, 0.01], "batch_size": ["choice", 32, 64]},
@@ -265,6 +271,7 @@ class TuneConfig:
         _require(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
         _require(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
         _require(self.trial_cpus > 0, "tune.trial_cpus", "must be > 0 (Ray rejects 0-CPU trials)")
+        _require(self.max_failures >= 0, "tune.max_failures", f"must be >= 0, got {self.max_failures}")
         for path, spec in iter_search_space(self.search_space):
             name = f"tune.search_space.{path}"
             _require(_is_sampler(spec), name, f"must be [sampler, *args] with sampler in {list(SAMPLERS)}, got {spec!r}")
@@ -358,6 +365,12 @@ class ServeConfig:
     scales to zero)."""
     replica_cpus: float = 0.25
     """Logical CPUs each model replica reserves."""
+    ingress_replicas: int = 1
+    """Replicas of the HTTP front (V2Ingress); with 2 or more, a dead one is routed around while
+    Serve replaces it."""
+    health_check_period_s: float = 2.0
+    """Seconds between Serve's health checks of each replica: a replica that died is replaced
+    about this soon after (Serve's own default is 10)."""
     batching: bool = True
     """Merge concurrent requests into one forward pass (`@serve.batch`)."""
     max_batch_size: int = 32
@@ -392,6 +405,8 @@ class ServeConfig:
         _require(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
         _require(self.downscale_delay_s >= 0, "serve.downscale_delay_s", "must be >= 0")
         _require(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
+        _require(self.ingress_replicas >= 1, "serve.ingress_replicas", f"must be >= 1, got {self.ingress_replicas}")
+        _require(self.health_check_period_s > 0, "serve.health_check_period_s", f"must be > 0, got {self.health_check_period_s}")
         _require(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
         _require(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
         _require(self.max_models_per_replica >= 1, "serve.max_models_per_replica", "must be >= 1")
@@ -529,6 +544,72 @@ class OptimizeConfig:
 
 
 @dataclass(kw_only=True)
+class ExportConfig:
+    """jobs.export: KubeRay manifests (RayCluster, RayJob, RayService) of this same config."""
+
+    out_dir: str = "k8s"
+    """Folder the manifests are written to, one `<kind>.yaml` each (created if missing)."""
+    kind: str = "all"
+    """Manifests to write: 'all', 'raycluster', 'rayjob' or 'rayservice'."""
+    job: str = "sweep"
+    """Job the RayJob runs: 'train', 'sweep' or 'pipeline', with the Hydra overrides jobs.export was given."""
+    image: str = "rayproject/ray:2.60.0-py311"
+    """Image of every Ray pod. It must contain this project (jobs.*, serve.app, conf/): build
+    cluster/kuberay/Dockerfile, which starts from this official tag, and push it; the official image alone
+    cannot run the jobs or the Serve app."""
+    namespace: str = "default"
+    """Kubernetes namespace of the manifests."""
+    name: str = "orchestrator"
+    """Name of the RayCluster; the RayJob is `<name>-job`, the RayService `<name>-serve`."""
+    head_cpus: int = 2
+    """CPU request (and limit) of the head pod, whole CPUs (Ray's num-cpus is a count). Ray schedules work there too (the worker replica count
+    leaves the head out, so it is spare room for trial drivers and Serve replicas)."""
+    head_memory: str = "8Gi"
+    """Memory request (and limit) of the head pod, a Kubernetes quantity."""
+    worker_cpus: int = 4
+    """CPU request (and limit) of each worker pod, whole CPUs. A pod holds floor(worker_cpus / scaling.cpus_per_worker)
+    training workers; a run needs ceil(scaling.num_workers / that) pods."""
+    worker_memory: str = "16Gi"
+    """Memory request (and limit) of each worker pod, a Kubernetes quantity."""
+    worker_gpus: int = 0
+    """GPUs (nvidia.com/gpu) of each worker pod; scaling.use_gpu=true needs at least 1."""
+    token_auth: bool = True
+    """Ray token authentication (KubeRay `authOptions.mode: token`): every Ray API, the dashboard and
+    the Jobs API ask for the token. False turns it off (only on a network you trust)."""
+    token_secret: str = ""
+    """Secret holding the token under the key `auth_token`; empty lets KubeRay create one per cluster."""
+    env_secret: str = ""
+    """Secret whose keys become environment variables of every Ray container (e.g. AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an s3:// storage.root); empty adds none."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.out_dir), "export.out_dir", "must not be empty")
+        _one_of(self.kind, "export.kind", ("all", *EXPORT_KINDS))
+        _one_of(self.job, "export.job", EXPORT_JOBS)
+        _require(bool(self.image), "export.image", "must not be empty")
+        _require(_is_dns_label(self.namespace, 63), "export.namespace", f"must be a DNS-1123 label, got {self.namespace!r}")
+        # KubeRay refuses RayJob/RayService names over 47 characters; '-serve' is the longest suffix added.
+        _require(_is_dns_label(self.name, 41), "export.name", f"must be a DNS-1123 label of at most 41 characters, got {self.name!r}")
+        for name in ("head_cpus", "worker_cpus"):
+            _require(getattr(self, name) >= 1, f"export.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("head_memory", "worker_memory"):
+            _require(bool(_QUANTITY.fullmatch(getattr(self, name))), f"export.{name}", f"must be a Kubernetes quantity like 8Gi, got {getattr(self, name)!r}")
+        _require(self.worker_gpus >= 0, "export.worker_gpus", f"must be >= 0, got {self.worker_gpus}")
+        for name in ("token_secret", "env_secret"):
+            value = getattr(self, name)
+            _require(value == "" or _is_dns_label(value, 253, extra="-."), f"export.{name}", f"must be empty or a Secret name, got {value!r}")
+
+
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
+
+
+def _is_dns_label(name: str, max_length: int, extra: str = "-") -> bool:
+    # RFC 1123 labels; extra="-." also admits subdomain names (Secrets).
+    inner = re.escape(extra)
+    return len(name) <= max_length and bool(re.fullmatch(rf"[a-z0-9]([a-z0-9{inner}]*[a-z0-9])?", name))
+
+
+@dataclass(kw_only=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Where samples come from and how they are split."""
@@ -556,8 +637,13 @@ class PipelineConfig:
     """Versioned models."""
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
     """Compressed variants of a registered version (off unless `optimize.methods` names some)."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """jobs.export: KubeRay manifests of this config."""
     run_name: str = "default"
     """Names this run's Train/Tune results under the storage root (set by experiment files too)."""
+    resume: bool = False
+    """Continue the newest unfinished training run or sweep of `run_name` under the storage root
+    (after its driver or the Ray head was lost) instead of starting a new one."""
 
     def __post_init__(self) -> None:
         _require(_is_identifier(self.run_name), "run_name", f"must be letters, digits, '-', '_' or '.', got {self.run_name!r}")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from orchestrator import storage
+from orchestrator.checkpoints import is_complete
 from orchestrator.config import PipelineConfig, iter_search_space, with_overrides
 from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
+from orchestrator.resume import mark_done, run_name_for
 from orchestrator.schedules import schedule_epochs
 from orchestrator.train import TrainResult, build_trainer, read_history
 
@@ -139,27 +140,40 @@ def concurrent_trials_that_fit(cfg: PipelineConfig) -> int:
 
 
 def run_sweep(cfg: PipelineConfig, info: Optional[DatasetInfo] = None) -> SweepResult:
-    """Sweep `cfg.tune.search_space` (Ray must be connected). Returns the best trial and a summary of all."""
+    """Sweep `cfg.tune.search_space` (Ray must be connected). Returns the best trial and a summary of all.
+
+    With `cfg.resume`, restores the newest unfinished sweep of `cfg.run_name` from the storage root:
+    finished trials are kept, unfinished ones continue from their newest complete checkpoint.
+    """
     from ray import tune
 
     info = info or prepare_dataset(cfg.data, cfg.storage.root)
-    name = f"{cfg.run_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = run_name_for(cfg, "sweep")
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg, info=info, datasets=ray_datasets(info), sweep_name=name),
         {"cpu": cfg.tune.trial_cpus},
     )
     fs, path = storage.pyarrow_filesystem(storage.join(cfg.storage.root, "ray_results"))
-    tuner = tune.Tuner(
-        trainable,
-        param_space=to_tune_space(cfg.tune.search_space),
-        tune_config=tune.TuneConfig(
-            metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
-            num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent_trials_that_fit(cfg),
-        ),
-        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0),
-    )
-    grid = tuner.fit()
-    return _summarize(grid, cfg, name, info)
+    experiment = f"{path.rstrip('/')}/{name}"
+    if cfg.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune_space(cfg.tune.search_space),
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
+                num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent_trials_that_fit(cfg),
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=path, storage_filesystem=fs, verbose=0,
+                # A trial whose process dies is retried; its Train run resumes from its newest complete checkpoint.
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            ),
+        )
+    result = _summarize(tuner.fit(), cfg, name, info)
+    mark_done(cfg.storage.root, name, {"best_trial": result.best_trial_id, "best_checkpoint": result.best.checkpoint_path})
+    return result
 
 
 def _summarize(grid, cfg: PipelineConfig, name: str, info: DatasetInfo) -> SweepResult:
@@ -168,7 +182,7 @@ def _summarize(grid, cfg: PipelineConfig, name: str, info: DatasetInfo) -> Sweep
     if not finished:
         errors = "; ".join(str(r.error) for r in grid if r.error) or "no trial reported a checkpoint"
         raise RuntimeError(f"sweep {name} produced no usable trial: {errors}")
-    best_result, best_row = _best_row(finished, cfg.tune.metric, cfg.tune.mode)
+    best_result, best_row = _best_row(finished, cfg.tune.metric, cfg.tune.mode, cfg.storage.root)
     checkpoint_path = best_row[CHECKPOINT_PATH_KEY]
     best = TrainResult(
         metrics={"epoch": int(best_row["epoch"]), **{k: float(best_row[k]) for k in ("train_loss", "val_loss", "val_accuracy")}},
@@ -181,11 +195,12 @@ def _summarize(grid, cfg: PipelineConfig, name: str, info: DatasetInfo) -> Sweep
     return summary
 
 
-def _best_row(results, metric: str, mode: str):
-    """(result, dataframe row) of the best reported epoch with a checkpoint, across all trials."""
+def _best_row(results, metric: str, mode: str, root: str):
+    """(result, dataframe row) of the best reported epoch with a complete checkpoint, across all trials."""
     rows = []
     for result in results:
         df = result.metrics_dataframe.dropna(subset=[CHECKPOINT_PATH_KEY])
+        df = df[[is_complete(root, path) for path in df[CHECKPOINT_PATH_KEY]]]  # Ray deleted some; some may be torn
         if len(df):
             row = df.loc[df[metric].idxmax() if mode == "max" else df[metric].idxmin()]
             rows.append((result, row))

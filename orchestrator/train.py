@@ -9,6 +9,7 @@ rank resumes from the latest reported checkpoint, in the phase and epoch it had 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orchestrator import storage
+from orchestrator.checkpoints import TornCheckpoint, complete_checkpoints, newest_complete, verify, write_manifest
 from orchestrator.config import PipelineConfig, to_dict
 from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
 from orchestrator.models import build_model
@@ -60,13 +62,16 @@ class _Resume:
     history: List[Dict[str, Any]] = field(default_factory=list)
     optimizer: Any = None
     compute: Compute = field(default_factory=Compute)
+    steps: int = 0
+    """Optimizer steps taken so far, over every epoch of the run."""
 
 
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
-    """The function every Ray Train worker runs. `loop_config` holds 'cfg', 'data', 'run_name', 'group'.
+    """The function every Ray Train worker runs. `loop_config` holds 'cfg', 'data', 'run_name', 'group', 'run_url'.
 
     Runs the configured schedule phase by phase under the configured parallel plan; reports every
-    epoch with a checkpoint, and resumes from Ray Train's latest checkpoint in the right phase and epoch.
+    epoch with a checkpoint, and resumes from the newest complete checkpoint of the run (Ray's latest,
+    or a newer one on storage whose report Ray lost) in the right phase and epoch.
     """
     import ray.train
     import ray.train.torch
@@ -84,7 +89,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     aux_heads = make_aux_heads(model, phases, info.num_classes, cfg.train.seed)
     flops = forward_flops(model, aux_heads)
     model.to(device), aux_heads.to(device)
-    resume = _restore(ray.train.get_checkpoint(), model, aux_heads)
+    resume = _restore(_resume_point(cfg.storage.root, loop_config["run_url"], ray.train.get_checkpoint(), rank), cfg.storage.root, model, aux_heads)
 
     shard = shards_data(cfg.parallel)
     train_rows = worker_rows(ray.train.get_dataset_shard("train"), rank if shard else 0, world if shard else 1, device)
@@ -135,8 +140,9 @@ class _Run:
         started = time.perf_counter()
         phase_model.train()
         batch = cfg.train.batch_size if not runner.shards_data else max(1, cfg.train.batch_size // self.world)
-        train_loss, rows = _train_epoch(runner, phase_model, x, y, batch=batch, seed=cfg.train.seed + epoch, cached=cached)
+        train_loss, rows, steps = _train_epoch(runner, phase_model, x, y, batch=batch, seed=cfg.train.seed + epoch, cached=cached)
         runner.sync()
+        self.resume.steps += steps
         add_epoch_compute(self.resume.compute, phase, self.flops, self._global_rows(rows, runner), cached=cached)
         self.model.eval()
         val_loss, val_accuracy = _evaluate(self.model, *self.val, self.rank, self.world)
@@ -147,13 +153,14 @@ class _Run:
         metrics = {
             "epoch": epoch + 1, "phase": phase.index, "phase_name": phase.name, "train_loss": train_loss,
             "val_loss": val_loss, "val_accuracy": val_accuracy, "phase_val_accuracy": phase_accuracy,
-            "epoch_time_s": time.perf_counter() - started, "restored_epoch": self.resume.epoch,
+            "epoch_time_s": time.perf_counter() - started, "restored_epoch": self.resume.epoch, "steps": self.resume.steps,
             **self.resume.compute.as_metrics(),
         }
         self.resume.history.append(metrics)
         self.tracker.log(metrics, step=epoch + 1)
         optimizer_state = runner.optimizer_state()  # every rank: some plans gather it collectively
-        _report(metrics, self.resume, self.model, self.aux_heads, optimizer_state, self.rank)
+        state = {"model": self.model.state_dict(), "aux_heads": self.aux_heads.state_dict(), "optimizer": optimizer_state, "epoch": metrics["epoch"]}
+        report_epoch(metrics, self.resume.history, state, self.rank)
 
     def _global_rows(self, rows: int, runner) -> int:
         # Sharded plans train on different rows per rank; a pipeline's ranks all see the same rows.
@@ -178,26 +185,35 @@ def worker_rows(shard, rank: int, world: int, device: torch.device) -> tuple:
     return x[rank::world][:keep].to(device), y[rank::world][:keep].to(device)
 
 
-def _restore(checkpoint, model: nn.Module, aux_heads: nn.ModuleDict) -> _Resume:
-    """Load the latest checkpoint if Ray Train handed one over."""
-    if checkpoint is None:
+def _resume_point(root: str, run_url: str, ray_checkpoint, rank: int) -> Optional[str]:
+    """Path of the checkpoint every rank resumes from: the newest complete one, chosen by rank 0."""
+    choice = [None]
+    if rank == 0:
+        newest = newest_complete(root, storage.filesystem(run_url)[1], also=ray_checkpoint.path if ray_checkpoint is not None else None)
+        choice = [newest.path if newest is not None else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)  # one choice, even if a checkpoint completes mid-scan
+    return choice[0]
+
+
+def _restore(path: Optional[str], root: str, model: nn.Module, aux_heads: nn.ModuleDict) -> _Resume:
+    """Load the checkpoint at `path` (verified against its manifest), or start fresh when None."""
+    if path is None:
         return _Resume()
-    with checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
-        with open(os.path.join(folder, HISTORY_FILE)) as f:
-            history = json.load(f)
+    state = load_state(root, path)
+    history = read_history(root, path)
     model.load_state_dict(state["model"])
     aux_heads.load_state_dict(state["aux_heads"])
     last = history[-1] if history else {}
     compute = Compute(forward_passes=int(last.get("forward_passes", 0)), backward_passes=int(last.get("backward_passes", 0)),
                       flops=float(last.get("train_gflops", 0.0)) * 1e9)
-    return _Resume(epoch=int(state["epoch"]), history=history, optimizer=state["optimizer"], compute=compute)
+    return _Resume(epoch=int(state["epoch"]), history=history, optimizer=state["optimizer"], compute=compute, steps=int(last.get("steps", 0)))
 
 
 def _train_epoch(runner, phase_model: PhaseModel, x, y, *, batch: int, seed: int, cached: bool) -> tuple:
-    """One pass over this rank's rows in a seeded order; (mean loss over all ranks, rows trained here)."""
+    """One pass over this rank's rows in a seeded order; (mean loss over all ranks, rows trained here, steps)."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    losses, count = [], 0
+    losses, count, steps = [], 0, 0
     # A pipeline's micro-batch shapes are fixed at its first step: it skips a last, smaller batch.
     stop = len(order) - len(order) % batch if not runner.shards_data else len(order)
     for start in range(0, stop, batch):
@@ -208,8 +224,9 @@ def _train_epoch(runner, phase_model: PhaseModel, x, y, *, batch: int, seed: int
         loss_sum, rows = runner.step(inputs, y[index])
         losses.append(loss_sum)  # kept as tensors: a float() per step would sync a GPU every step
         count += rows
+        steps += 1
     total = torch.stack(losses).sum().cpu() if losses else torch.zeros(())
-    return _global_mean(total, torch.tensor(float(count))), stop
+    return _global_mean(total, torch.tensor(float(count))), stop, steps
 
 
 @torch.no_grad()
@@ -244,16 +261,20 @@ def _all_reduce(stats: torch.Tensor) -> torch.Tensor:
     return stats
 
 
-def _report(metrics: Dict[str, Any], resume: _Resume, model: nn.Module, aux_heads: nn.ModuleDict, optimizer_state, rank: int) -> None:
+def report_epoch(metrics: Dict[str, Any], history: List[Dict[str, Any]], state: Dict[str, Any], rank: int) -> None:
+    """Report `metrics` to Ray Train; rank 0 attaches a checkpoint of `state` and `history`.
+
+    The checkpoint's manifest is written last (orchestrator.checkpoints): one that is cut short never counts.
+    """
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:  # one copy of the weights is enough; other ranks report metrics only
-            state = {"model": model.state_dict(), "aux_heads": aux_heads.state_dict(), "optimizer": optimizer_state, "epoch": metrics["epoch"]}
             torch.save(state, os.path.join(folder, STATE_FILE))
             with open(os.path.join(folder, HISTORY_FILE), "w") as f:
-                json.dump(resume.history, f)
+                json.dump(history, f)
+            write_manifest(folder, metrics["epoch"])
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -272,9 +293,10 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     fs, path = storage.pyarrow_filesystem(storage.join(cfg.storage.root, storage_subdir))
+    run_url = storage.join(cfg.storage.root, storage_subdir, run_name)
     return TorchTrainer(
         loop,
-        train_loop_config={"cfg": cfg, "data": info, "run_name": run_name, "group": group, **(extra_loop_config or {})},
+        train_loop_config={"cfg": cfg, "data": info, "run_name": run_name, "group": group, "run_url": run_url, **(extra_loop_config or {})},
         torch_config=TorchConfig(backend=cfg.parallel.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -295,16 +317,21 @@ def build_trainer(
 
 
 def result_from_ray(result, root: str, info: DatasetInfo) -> TrainResult:
-    """Turn a Ray Train Result into a TrainResult pointing at its best checkpoint."""
+    """Turn a Ray Train Result into a TrainResult pointing at the run's best complete checkpoint.
+
+    Checkpoints are taken from storage, verified, rather than from Ray's report bookkeeping, which
+    can miss a checkpoint whose worker was killed right after writing it.
+    """
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    if not result.best_checkpoints:
-        raise RuntimeError("training reported no checkpoint")
-    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
-    latest = result.checkpoint.path if result.checkpoint is not None else checkpoint.path
+    histories = {c.path: read_history(root, c.path) for c in complete_checkpoints(root, result.path)}
+    if not histories:
+        raise RuntimeError(f"training left no complete checkpoint under {result.path}")
+    best = max(histories, key=lambda path: (histories[path][-1]["val_accuracy"], -histories[path][-1]["epoch"]))
+    latest = max(histories, key=lambda path: histories[path][-1]["epoch"])
     return TrainResult(
-        metrics=dict(metrics), checkpoint_path=checkpoint.path, history=read_history(root, checkpoint.path), run_path=result.path,
-        data=info, run_history=read_history(root, latest),
+        metrics=dict(histories[best][-1]), checkpoint_path=best, history=histories[best], run_path=result.path,
+        data=info, run_history=histories[latest],
     )
 
 
@@ -312,18 +339,39 @@ def run_train(cfg: PipelineConfig, info: Optional[DatasetInfo] = None, datasets=
     """Train `cfg` once (Ray must be connected). Returns metrics and the best checkpoint.
 
     `datasets` are `ray_datasets(info)` when the caller already materialized them for several runs.
+    With `cfg.resume`, continues the newest unfinished training run of `cfg.run_name` instead.
     """
+    from orchestrator.resume import mark_done, run_name_for
+
     info = info or prepare_dataset(cfg.data, cfg.storage.root)
-    run_name = f"{cfg.run_name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = run_name_for(cfg, "train")
     trainer = build_trainer(cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results", datasets=datasets)
-    return result_from_ray(trainer.fit(), cfg.storage.root, info)
+    result = result_from_ray(trainer.fit(), cfg.storage.root, info)
+    mark_done(cfg.storage.root, run_name, {"best_checkpoint": result.checkpoint_path, "metrics": result.metrics})
+    return result
 
 
 def read_checkpoint_file(root: str, checkpoint_path: str, name: str) -> bytes:
-    """Bytes of one file of a checkpoint that Ray stored under the storage root."""
+    """Bytes of one file of a complete checkpoint that Ray stored under the storage root.
+
+    Raises TornCheckpoint when the file does not match the checkpoint's manifest (or it has none):
+    nothing reads a torn checkpoint.
+    """
     # Ray reports checkpoint paths inside the storage root's filesystem (absolute paths when local).
     fs, _ = storage.filesystem(root)
-    return fs.cat_file(f"{checkpoint_path.rstrip('/')}/{name}")
+    path = checkpoint_path.rstrip("/")
+    expected = verify(root, path)["files"].get(name)
+    data = fs.cat_file(f"{path}/{name}")
+    if expected is None or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise TornCheckpoint(f"{path}: {name} is not part of the complete checkpoint")
+    return data
+
+
+def load_state(root: str, checkpoint_path: str) -> Dict[str, Any]:
+    """The torch state of a complete checkpoint (weights_only=True: no pickled code)."""
+    import io
+
+    return torch.load(io.BytesIO(read_checkpoint_file(root, checkpoint_path, STATE_FILE)), weights_only=True)
 
 
 def read_history(root: str, checkpoint_path: str) -> List[Dict[str, Any]]:
@@ -332,8 +380,6 @@ def read_history(root: str, checkpoint_path: str) -> List[Dict[str, Any]]:
 
 
 def checkpoint_weights(root: str, checkpoint_path: str) -> Dict[str, np.ndarray]:
-    """The model weights of a checkpoint as numpy arrays (loaded with weights_only=True: no pickled code)."""
-    import io
-
-    state = torch.load(io.BytesIO(read_checkpoint_file(root, checkpoint_path, STATE_FILE)), weights_only=True)
+    """The model weights of a complete checkpoint as numpy arrays."""
+    state = load_state(root, checkpoint_path)
     return {name: tensor.detach().cpu().numpy() for name, tensor in state["model"].items()}

@@ -10,9 +10,6 @@ a worker failure (train.max_failures) starts again from the start weights rather
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -23,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orchestrator.optimize.prune import masked_in_place
-from orchestrator.train import HISTORY_FILE, STATE_FILE  # its checkpoint readers then read ours
+from orchestrator.train import report_epoch  # the same checkpoint layout: its readers then read ours
 
 
 class HardLabelLoss:
@@ -95,7 +92,7 @@ def compress_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         train_loss = _train_epoch(model, optimizer, spec.loss, params, masks, train, batch_size, seed=cfg.train.seed + epoch)
         val_accuracy = _val_accuracy(_unwrap(model), val)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy, "epoch_time_s": time.perf_counter() - started})
-        _report(history, _unwrap(model), rank)
+        report_epoch(history[-1], history, {"model": _unwrap(model).state_dict(), "epoch": history[-1]["epoch"]}, rank)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -154,19 +151,6 @@ def _all_reduced_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> fl
     if dist.is_initialized():
         dist.all_reduce(stats)
     return float(stats[0] / stats[1])
-
-
-def _report(history, model: nn.Module, rank: int) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:  # one copy of the weights is enough
-            torch.save({"model": model.state_dict(), "epoch": history[-1]["epoch"]}, os.path.join(folder, STATE_FILE))
-            with open(os.path.join(folder, HISTORY_FILE), "w") as f:
-                json.dump(history, f)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(history[-1], checkpoint=checkpoint)
 
 
 def run_finetune(cfg, info, spec: FinetuneSpec, *, method: str, datasets=None):

@@ -1,0 +1,120 @@
+"""The driver (and the embedded Ray head it started) lost mid-run: `resume=true` picks the training
+run or the sweep up from the storage root. The loss is real: SIGKILL to the job's whole session,
+at a random moment after a random number of complete epochs."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.checkpoints import complete_checkpoints
+from orchestrator.resume import DONE_FILE
+from orchestrator.train import read_history
+from tests.e2e.conftest import REPO, job_env, last_json_line, run_job
+
+EPOCHS = 10
+# batch 16 over 2 workers, 1024-wide layers: ~90 steps per worker per epoch, about half a second each.
+TRAIN = ["tracking=off", "model.hidden=[1024,1024]", f"train.epochs={EPOCHS}", "train.batch_size=16", "train.lr=0.003"]
+
+
+def _newest(root: Path, pattern: str) -> dict:
+    """{run folder: newest complete epoch} for the run folders matching `pattern`."""
+    return {run: max((c.epoch for c in complete_checkpoints(f"file://{root}", str(run))), default=0) for run in root.glob(pattern)}
+
+
+def _session_pids(sid: int) -> list:
+    """Every process in session `sid` (the job and the Ray processes it started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # after the command: state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(entry))
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL exactly what the job started (its session), until nothing of it is left."""
+    for _ in range(50):
+        pids = _session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"processes of the killed job survived: {_session_pids(sid)}")
+
+
+def _kill_job_after(args: list, root: Path, pattern: str, epochs: int) -> dict:
+    """Start `python -m jobs.<args>` in its own session; once its runs have `epochs` complete epochs
+    in all, wait a random part of an epoch and SIGKILL the whole session. The newest epochs at the kill."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=job_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while sum(_newest(root, pattern).values()) < epochs:
+            assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before the kill"
+            assert time.monotonic() < deadline, "no progress within 300 s"
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.4))
+        at_kill = _newest(root, pattern)
+    finally:
+        _kill_session(proc.pid)
+        proc.wait(30)
+    assert not list(root.glob(f"ray_results/*/{DONE_FILE}")), "the job finished before the kill landed: make it longer"
+    return at_kill
+
+
+def test_training_run_resumes_after_driver_and_head_loss(tmp_path):
+    root_url = f"file://{tmp_path}"
+    at_kill = _kill_job_after(["jobs.train", *TRAIN, f"storage.root={root_url}"], tmp_path, "ray_results/default-train-*",
+                              epochs=random.randint(2, EPOCHS - 4))
+    (run, newest), = at_kill.items()
+    assert 0 < newest < EPOCHS
+
+    proc = run_job("train", *TRAIN, f"storage.root={root_url}", "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = last_json_line(proc.stdout)
+    assert summary["run"].rstrip("/").endswith(run.name), "resume started a new run instead of continuing the lost one"
+    assert summary["epochs_trained"] == EPOCHS
+    assert newest <= summary["resumed_from"][0] <= newest + 1, (newest, summary["resumed_from"])
+    history = read_history(root_url, max(complete_checkpoints(root_url, str(run)), key=lambda c: c.epoch).path)
+    steps = [h["steps"] for h in history]
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert steps == [steps[0] * e for e in range(1, EPOCHS + 1)], f"steps lost or repeated: {steps}"
+    assert summary["val_accuracy"] > 0.9
+    print(f"\ndriver loss: newest complete epoch at the kill {newest}, resumed from {summary['resumed_from']}")
+
+
+def test_sweep_resumes_after_driver_and_head_loss(tmp_path):
+    root_url = f"file://{tmp_path}"
+    sweep = [*TRAIN, "tune=fifo", "tune.num_samples=1", "tune.search_space.train.lr=[grid,0.002,0.004]",
+             "~tune.search_space.train.batch_size", "~tune.search_space.model.hidden"]
+    pattern = "ray_results/default-sweep-*/trials/*"
+    at_kill = _kill_job_after(["jobs.sweep", *sweep, f"storage.root={root_url}"], tmp_path, pattern, epochs=random.randint(3, 8))
+    name = next(iter(at_kill)).parent.parent.name
+
+    proc = run_job("sweep", *sweep, f"storage.root={root_url}", "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = last_json_line(proc.stdout)
+    assert summary["sweep"] == name, "resume started a new sweep instead of continuing the lost one"
+    assert len(summary["trials"]) == 2
+    assert all(t["status"] == "completed" and t["epochs"] == EPOCHS for t in summary["trials"]), summary["trials"]
+    for run, newest in at_kill.items():  # trials that had checkpoints continued from them
+        history = read_history(root_url, max(complete_checkpoints(root_url, str(run)), key=lambda c: c.epoch).path)
+        assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+        if 0 < newest < EPOCHS:
+            assert history[-1]["restored_epoch"] >= newest, (run.name, newest, history[-1]["restored_epoch"])
+    print(f"\nsweep driver loss: newest complete epoch per trial at the kill {sorted(at_kill.values())}")
