@@ -12,7 +12,8 @@ BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class IngressMetrics:
-    """Requests, errors by status and latency of infer requests, tagged model/version/status."""
+    """Requests, errors by status and latency of infer requests, tagged model/version/status, and
+    requests sent again after their model replica died."""
 
     def __init__(self):
         from ray.serve import metrics
@@ -29,6 +30,10 @@ class IngressMetrics:
             "orchestrator_request_latency_ms", description="Infer latency inside the ingress (ms), by model and version.",
             boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model", "version"),
         )
+        self.retries = metrics.Counter(
+            "orchestrator_request_retries", description="Infer requests sent again because their model replica died, by model and version.",
+            tag_keys=("model", "version"),
+        )
 
     def record(self, model: str, version: Optional[int], status: int, latency_ms: float) -> None:
         tags = {"model": model, "version": "none" if version is None else str(version)}
@@ -36,6 +41,9 @@ class IngressMetrics:
         if status >= 400:
             self.errors.inc(tags={**tags, "status": str(status)})
         self.latency.observe(latency_ms, tags=tags)
+
+    def record_retry(self, model: str, version: int) -> None:
+        self.retries.inc(tags={"model": model, "version": str(version)})
 
 
 class BatchMetrics:

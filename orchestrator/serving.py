@@ -38,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -63,6 +64,8 @@ MODEL_DEPLOYMENT = "ModelServer"
 INGRESS_DEPLOYMENT = "V2Ingress"
 CONTROLLER_DEPLOYMENT = "RolloutController"
 READY_TIMEOUT_S = 5.0
+REPLICA_DEATH_RETRIES = 2
+"""Times the ingress sends an infer request again when the model replica holding it died."""
 API_KEY_ENV = "ORCHESTRATOR_API_KEY"
 
 
@@ -382,6 +385,16 @@ async def _awaited(response) -> Any:
     return await response
 
 
+def _replica_died(err: BaseException) -> bool:
+    """Whether a model call failed because its replica process died or became unreachable.
+
+    A RayTaskError is the replica's own code failing, even one that wraps an actor error (a call
+    the replica made to another actor): the replica lived, and sending the request again would
+    fail the same way.
+    """
+    return isinstance(err, RayActorError) and not isinstance(err, RayTaskError)
+
+
 def _checked(answer: Dict[str, Any]) -> Any:
     if "error" in answer:
         raise BadRequest(answer["status"], answer["error"])
@@ -574,15 +587,31 @@ class V2Ingress:
         )
 
     async def _predict(self, name: str, version: int, rows: np.ndarray) -> Dict[str, np.ndarray]:
+        """The model's outputs for `rows`. Sent again, at most REPLICA_DEATH_RETRIES times, when the
+        replica holding it died; all tries share one serve.limits.request_timeout_s (504 past it)."""
+        deadline = time.monotonic() + self._cfg.limits.request_timeout_s
+        for _ in range(REPLICA_DEATH_RETRIES):
+            try:
+                return await self._predict_once(name, version, rows, deadline)
+            except Exception as err:
+                # Inference is idempotent, so a request lost with its replica is sent again (Serve's
+                # router has already dropped that replica); any other failure is the answer.
+                if not _replica_died(err):
+                    raise
+                self._metrics.record_retry(name, version)
+                log.warning("model replica died under a request for %s v%d (%s); sending it again", name, version, type(err).__name__)
+        return await self._predict_once(name, version, rows, deadline)
+
+    async def _predict_once(self, name: str, version: int, rows: np.ndarray, deadline: float) -> Dict[str, np.ndarray]:
         mid = model_id(name, version)
         if mid not in self._handles:
             self._handles[mid] = self._model_server.options(multiplexed_model_id=mid)
         response = self._handles[mid].predict.remote(rows)
-        timeout = self._cfg.limits.request_timeout_s
         try:
-            return await asyncio.wait_for(_awaited(response), timeout)
+            return await asyncio.wait_for(_awaited(response), deadline - time.monotonic())
         except asyncio.TimeoutError:
             response.cancel()
+            timeout = self._cfg.limits.request_timeout_s
             raise BadRequest(504, f"model {name!r} version {version} did not answer within {timeout} s") from None
         except BackPressureError:
             retry = self._cfg.limits.retry_after_s
@@ -665,7 +694,7 @@ def build_app(cfg: PipelineConfig, ref: str) -> serve.Application:
 
 def _bind(cfg: PipelineConfig, version: ModelVersion, ref: ray.ObjectRef) -> serve.Application:
     s = cfg.serve
-    controller = RolloutController.bind(
+    controller = RolloutController.options(health_check_period_s=s.health_check_period_s).bind(
         root=cfg.storage.root, default_ref=s.model_version, model=version.model, version=version.version,
         weights={"ref": ref}, rollout=s.rollout,
     )
@@ -677,13 +706,14 @@ def _bind(cfg: PipelineConfig, version: ModelVersion, ref: ray.ObjectRef) -> ser
             "target_ongoing_requests": s.target_ongoing_requests, "downscale_delay_s": s.downscale_delay_s,
         },
         max_ongoing_requests=per_replica, max_queued_requests=s.limits.max_pending_requests,
-        ray_actor_options={"num_cpus": s.replica_cpus},
+        ray_actor_options={"num_cpus": s.replica_cpus}, health_check_period_s=s.health_check_period_s,
     ).bind(
         controller, batching=s.batching, max_batch_size=s.max_batch_size,
         batch_wait_timeout_s=s.batch_wait_timeout_s, max_models=s.max_models_per_replica,
     )
     # The ingress admits more than its queue limit so that it, not the proxy, answers 503 + Retry-After.
-    ingress = V2Ingress.options(max_ongoing_requests=s.limits.max_pending_requests + 32)
+    ingress = V2Ingress.options(num_replicas=s.ingress_replicas, max_ongoing_requests=s.limits.max_pending_requests + 32,
+                                health_check_period_s=s.health_check_period_s)
     keys = keys_url(cfg.storage.root, s.auth.keys_url) if s.auth.enabled else None
     return ingress.bind(model_server, controller, serve_cfg=s, keys=keys, check_model_ready=s.min_replicas > 0)
 
