@@ -16,7 +16,9 @@ def join(url: str, *parts: str) -> str:
 
 def filesystem(url: str) -> Tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem serving `url`, and the path inside it."""
-    return fsspec.core.url_to_fs(url)
+    # Other processes (Ray workers, other jobs, a Serve controller) write the same root: a cached
+    # listing would hide their versions and checkpoints from this process for good.
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 
 def is_local(url: str) -> bool:

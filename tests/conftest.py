@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytest
 from omegaconf import DictConfig
+
+from tests.s3_server import S3Server, running_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -27,3 +29,14 @@ def compose() -> Callable[[Sequence[str]], DictConfig]:
             return hydra_compose("config", overrides=list(overrides))
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-compatible server (moto) on loopback with one bucket, for the whole session.
+
+    Its AWS_* variables are in os.environ from the first use on: they reach this process, job
+    subprocesses and a Ray started afterwards (integration's `ray_cluster` depends on this fixture).
+    """
+    with running_s3_server() as server:
+        yield server
