@@ -1,6 +1,9 @@
-"""The driver (and the embedded Ray head it started) lost mid-run: `resume=true` picks the training
-run or the sweep up from the storage root. The loss is real: SIGKILL to the job's whole session,
-at a random moment after a random number of complete epochs."""
+"""The driver (and the embedded Ray head it started) lost mid-sweep: `resume=true` picks the sweep
+up from the storage root, and each trial's training run continues from its newest complete
+checkpoint. The loss is real: SIGKILL to the job's whole session, at a random moment after a random
+number of complete epochs, three times in a row (the first and second resumes are killed too).
+`jobs.train resume=true` takes the same path for a single run (run naming: tests/unit/test_checkpoints.py;
+resuming from storage: tests/integration/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +20,12 @@ from orchestrator.resume import DONE_FILE
 from orchestrator.train import read_history
 from tests.e2e.conftest import REPO, job_env, last_json_line, run_job
 
-EPOCHS = 10
-# batch 16 over 2 workers, 1024-wide layers: ~90 steps per worker per epoch, about half a second each.
-TRAIN = ["tracking=off", "model.hidden=[1024,1024]", f"train.epochs={EPOCHS}", "train.batch_size=16", "train.lr=0.003"]
+EPOCHS = 12
+KILLS = 3
+# Two trials side by side, batch 16 over 2 workers each: ~90 steps per worker per epoch.
+SWEEP = ["tracking=off", "model.hidden=[256,128]", f"train.epochs={EPOCHS}", "train.batch_size=16", "train.lr=0.003",
+         "tune=fifo", "tune.num_samples=1", "tune.search_space.train.lr=[grid,0.002,0.004]",
+         "~tune.search_space.train.batch_size", "~tune.search_space.model.hidden"]
 
 
 def _newest(root: Path, pattern: str) -> dict:
@@ -77,44 +83,35 @@ def _kill_job_after(args: list, root: Path, pattern: str, epochs: int) -> dict:
     return at_kill
 
 
-def test_training_run_resumes_after_driver_and_head_loss(tmp_path):
-    root_url = f"file://{tmp_path}"
-    at_kill = _kill_job_after(["jobs.train", *TRAIN, f"storage.root={root_url}"], tmp_path, "ray_results/default-train-*",
-                              epochs=random.randint(2, EPOCHS - 4))
-    (run, newest), = at_kill.items()
-    assert 0 < newest < EPOCHS
-
-    proc = run_job("train", *TRAIN, f"storage.root={root_url}", "resume=true")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = last_json_line(proc.stdout)
-    assert summary["run"].rstrip("/").endswith(run.name), "resume started a new run instead of continuing the lost one"
-    assert summary["epochs_trained"] == EPOCHS
-    assert newest <= summary["resumed_from"][0] <= newest + 1, (newest, summary["resumed_from"])
-    history = read_history(root_url, max(complete_checkpoints(root_url, str(run)), key=lambda c: c.epoch).path)
-    steps = [h["steps"] for h in history]
-    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
-    assert steps == [steps[0] * e for e in range(1, EPOCHS + 1)], f"steps lost or repeated: {steps}"
-    assert summary["val_accuracy"] > 0.9
-    print(f"\ndriver loss: newest complete epoch at the kill {newest}, resumed from {summary['resumed_from']}")
+def _kill_three_times(job: list, root: Path, pattern: str) -> list:
+    """Run `job`, SIGKILL it, run it again with resume=true and kill it again: KILLS times, each after
+    1-2 more complete epochs than the last kill left. The newest epochs at each kill."""
+    kills, done = [], 0
+    for attempt in range(KILLS):
+        at_kill = _kill_job_after([*job, *(["resume=true"] if attempt else [])], root, pattern, epochs=done + random.randint(1, 2))
+        done = sum(at_kill.values())
+        kills.append(at_kill)
+    return kills
 
 
 def test_sweep_resumes_after_driver_and_head_loss(tmp_path):
     root_url = f"file://{tmp_path}"
-    sweep = [*TRAIN, "tune=fifo", "tune.num_samples=1", "tune.search_space.train.lr=[grid,0.002,0.004]",
-             "~tune.search_space.train.batch_size", "~tune.search_space.model.hidden"]
     pattern = "ray_results/default-sweep-*/trials/*"
-    at_kill = _kill_job_after(["jobs.sweep", *sweep, f"storage.root={root_url}"], tmp_path, pattern, epochs=random.randint(3, 8))
-    name = next(iter(at_kill)).parent.parent.name
+    kills = _kill_three_times(["jobs.sweep", *SWEEP, f"storage.root={root_url}"], tmp_path, pattern)
+    names = {run.parent.parent.name for at_kill in kills for run in at_kill}
+    assert len(names) == 1, f"a resume started a new sweep instead of continuing the lost one: {names}"
 
-    proc = run_job("sweep", *sweep, f"storage.root={root_url}", "resume=true")
+    proc = run_job("sweep", *SWEEP, f"storage.root={root_url}", "resume=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = last_json_line(proc.stdout)
-    assert summary["sweep"] == name, "resume started a new sweep instead of continuing the lost one"
+    assert summary["sweep"] == names.pop()
     assert len(summary["trials"]) == 2
     assert all(t["status"] == "completed" and t["epochs"] == EPOCHS for t in summary["trials"]), summary["trials"]
-    for run, newest in at_kill.items():  # trials that had checkpoints continued from them
+    for run, newest in kills[-1].items():  # trials that had checkpoints continued from them
         history = read_history(root_url, max(complete_checkpoints(root_url, str(run)), key=lambda c: c.epoch).path)
         assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+        steps = [h["steps"] for h in history]
+        assert steps == [steps[0] * e for e in range(1, EPOCHS + 1)], f"steps lost or repeated: {steps}"
         if 0 < newest < EPOCHS:
             assert history[-1]["restored_epoch"] >= newest, (run.name, newest, history[-1]["restored_epoch"])
-    print(f"\nsweep driver loss: newest complete epoch per trial at the kill {sorted(at_kill.values())}")
+    print(f"\nsweep driver loss x{KILLS}: newest complete epoch per trial at each kill {[sorted(k.values()) for k in kills]}")
