@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from orchestrator import storage
 
@@ -59,6 +59,12 @@ def verify(root: str, path: str) -> Dict[str, Any]:
 
     Raises TornCheckpoint naming what is wrong.
     """
+    return read_verified(root, path)[0]
+
+
+def read_verified(root: str, path: str) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
+    """The manifest of checkpoint folder `path` and the bytes of every file it lists, each checked
+    against its sha256 (one read per file). Raises TornCheckpoint naming what is wrong."""
     fs, _ = storage.filesystem(root)
     path = path.rstrip("/")
     try:
@@ -66,6 +72,7 @@ def verify(root: str, path: str) -> Dict[str, Any]:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise TornCheckpoint(f"{path}: no readable {MANIFEST} ({type(err).__name__}: {err})") from err
+    contents = {}
     for name, expected in files.items():
         try:
             data = fs.cat_file(f"{path}/{name}")
@@ -73,7 +80,8 @@ def verify(root: str, path: str) -> Dict[str, Any]:
             raise TornCheckpoint(f"{path}: {name} is listed in the manifest but missing") from err
         if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise TornCheckpoint(f"{path}: {name} does not match its sha256 in the manifest ({len(data)} bytes, {expected['bytes']} expected)")
-    return manifest
+        contents[name] = data
+    return manifest, contents
 
 
 def is_complete(root: str, path: str) -> bool:

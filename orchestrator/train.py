@@ -9,7 +9,6 @@ rank resumes from the latest reported checkpoint, in the phase and epoch it had 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orchestrator import storage
-from orchestrator.checkpoints import TornCheckpoint, complete_checkpoints, newest_complete, verify, write_manifest
+from orchestrator.checkpoints import TornCheckpoint, complete_checkpoints, newest_complete, read_verified, write_manifest
 from orchestrator.config import PipelineConfig, to_dict
 from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
 from orchestrator.models import build_model
@@ -358,13 +357,10 @@ def read_checkpoint_file(root: str, checkpoint_path: str, name: str) -> bytes:
     nothing reads a torn checkpoint.
     """
     # Ray reports checkpoint paths inside the storage root's filesystem (absolute paths when local).
-    fs, _ = storage.filesystem(root)
-    path = checkpoint_path.rstrip("/")
-    expected = verify(root, path)["files"].get(name)
-    data = fs.cat_file(f"{path}/{name}")
-    if expected is None or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise TornCheckpoint(f"{path}: {name} is not part of the complete checkpoint")
-    return data
+    _, contents = read_verified(root, checkpoint_path)
+    if name not in contents:
+        raise TornCheckpoint(f"{checkpoint_path.rstrip('/')}: {name} is not part of the complete checkpoint")
+    return contents[name]
 
 
 def load_state(root: str, checkpoint_path: str) -> Dict[str, Any]:
