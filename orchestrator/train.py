@@ -9,6 +9,7 @@ rank resumes from the latest reported checkpoint, in the phase and epoch it had 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -199,8 +200,9 @@ def _restore(path: Optional[str], root: str, model: nn.Module, aux_heads: nn.Mod
     """Load the checkpoint at `path` (verified against its manifest), or start fresh when None."""
     if path is None:
         return _Resume()
-    state = load_state(root, path)
-    history = read_history(root, path)
+    _, files = read_verified(root, path)  # every file read once, each checked against the manifest
+    state = torch.load(io.BytesIO(files[STATE_FILE]), weights_only=True)
+    history = json.loads(files[HISTORY_FILE])
     model.load_state_dict(state["model"])
     aux_heads.load_state_dict(state["aux_heads"])
     last = history[-1] if history else {}
@@ -365,8 +367,6 @@ def read_checkpoint_file(root: str, checkpoint_path: str, name: str) -> bytes:
 
 def load_state(root: str, checkpoint_path: str) -> Dict[str, Any]:
     """The torch state of a complete checkpoint (weights_only=True: no pickled code)."""
-    import io
-
     return torch.load(io.BytesIO(read_checkpoint_file(root, checkpoint_path, STATE_FILE)), weights_only=True)
 
 
