@@ -59,12 +59,17 @@ def verify(root: str, path: str) -> Dict[str, Any]:
 
     Raises TornCheckpoint naming what is wrong.
     """
-    return read_verified(root, path)[0]
+    return _check(root, path, keep=False)[0]
 
 
 def read_verified(root: str, path: str) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
     """The manifest of checkpoint folder `path` and the bytes of every file it lists, each checked
     against its sha256 (one read per file). Raises TornCheckpoint naming what is wrong."""
+    return _check(root, path, keep=True)
+
+
+def _check(root: str, path: str, *, keep: bool) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
+    """Verify every file of the checkpoint at `path`; `keep` returns their bytes too (else one file at a time is in memory)."""
     fs, _ = storage.filesystem(root)
     path = path.rstrip("/")
     try:
@@ -80,7 +85,8 @@ def read_verified(root: str, path: str) -> Tuple[Dict[str, Any], Dict[str, bytes
             raise TornCheckpoint(f"{path}: {name} is listed in the manifest but missing") from err
         if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise TornCheckpoint(f"{path}: {name} does not match its sha256 in the manifest ({len(data)} bytes, {expected['bytes']} expected)")
-        contents[name] = data
+        if keep:
+            contents[name] = data
     return manifest, contents
 
 
