@@ -16,8 +16,8 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 from orchestrator import storage
 
@@ -33,10 +33,12 @@ class TornCheckpoint(Exception):
 
 @dataclass(frozen=True)
 class CompleteCheckpoint:
-    """A verified checkpoint folder: its path inside the storage root's filesystem, and its epoch."""
+    """A verified checkpoint folder: its path inside the storage root's filesystem, its epoch, and
+    the verified bytes of the files it was asked to keep."""
 
     path: str
     epoch: int
+    files: Dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
 
 def write_manifest(folder: str, epoch: int) -> Dict[str, Any]:
@@ -59,17 +61,18 @@ def verify(root: str, path: str) -> Dict[str, Any]:
 
     Raises TornCheckpoint naming what is wrong.
     """
-    return _check(root, path, keep=False)[0]
+    return _check(root, path, keep=())[0]
 
 
 def read_verified(root: str, path: str) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
     """The manifest of checkpoint folder `path` and the bytes of every file it lists, each checked
     against its sha256 (one read per file). Raises TornCheckpoint naming what is wrong."""
-    return _check(root, path, keep=True)
+    return _check(root, path, keep=None)
 
 
-def _check(root: str, path: str, *, keep: bool) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
-    """Verify every file of the checkpoint at `path`; `keep` returns their bytes too (else one file at a time is in memory)."""
+def _check(root: str, path: str, *, keep: Optional[Collection[str]]) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
+    """Verify every file of the checkpoint at `path`; return the manifest and the bytes of the files
+    named in `keep` (None: all). Files not kept are dropped once checked, one at a time in memory."""
     fs, _ = storage.filesystem(root)
     path = path.rstrip("/")
     try:
@@ -85,7 +88,7 @@ def _check(root: str, path: str, *, keep: bool) -> Tuple[Dict[str, Any], Dict[st
             raise TornCheckpoint(f"{path}: {name} is listed in the manifest but missing") from err
         if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise TornCheckpoint(f"{path}: {name} does not match its sha256 in the manifest ({len(data)} bytes, {expected['bytes']} expected)")
-        if keep:
+        if keep is None or name in keep:
             contents[name] = data
     return manifest, contents
 
@@ -99,8 +102,9 @@ def is_complete(root: str, path: str) -> bool:
         return False
 
 
-def complete_checkpoints(root: str, run_path: str) -> List[CompleteCheckpoint]:
-    """Every verified checkpoint folder of the run stored at `run_path` (inside `root`'s filesystem), oldest epoch first."""
+def complete_checkpoints(root: str, run_path: str, *, keep: Collection[str] = ()) -> List[CompleteCheckpoint]:
+    """Every verified checkpoint folder of the run stored at `run_path` (inside `root`'s filesystem),
+    oldest epoch first, each with the bytes of its files named in `keep` (read once, while verifying)."""
     fs, _ = storage.filesystem(root)
     if not fs.exists(run_path):
         return []
@@ -110,7 +114,8 @@ def complete_checkpoints(root: str, run_path: str) -> List[CompleteCheckpoint]:
         if entry["type"] != "directory" or not name.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX):
             continue  # e.g. Ray's checkpoint_manager_snapshot.json
         try:
-            found.append(CompleteCheckpoint(path=name, epoch=int(verify(root, name)["epoch"])))
+            manifest, files = _check(root, name, keep=keep)
+            found.append(CompleteCheckpoint(path=name, epoch=int(manifest["epoch"]), files=files))
         except TornCheckpoint as err:
             log.warning("not resuming from torn checkpoint: %s", err)
     return sorted(found, key=lambda c: (c.epoch, c.path))

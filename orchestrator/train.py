@@ -29,6 +29,7 @@ from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
 from orchestrator.models import build_model
 from orchestrator.parallel import make_runner, shards_data
 from orchestrator.phases import Compute, PhaseModel, add_cache_compute, add_epoch_compute, forward_flops, make_aux_heads
+from orchestrator.resume import mark_done, run_name_for
 from orchestrator.schedules import HEAD, Phase, expand_schedule
 from orchestrator.tracking import start_tracking
 
@@ -325,7 +326,7 @@ def result_from_ray(result, root: str, info: DatasetInfo) -> TrainResult:
     """
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    histories = {c.path: read_history(root, c.path) for c in complete_checkpoints(root, result.path)}
+    histories = {c.path: json.loads(c.files[HISTORY_FILE]) for c in complete_checkpoints(root, result.path, keep=(HISTORY_FILE,))}
     if not histories:
         raise RuntimeError(f"training left no complete checkpoint under {result.path}")
     best = max(histories, key=lambda path: (histories[path][-1]["val_accuracy"], -histories[path][-1]["epoch"]))
@@ -342,8 +343,6 @@ def run_train(cfg: PipelineConfig, info: Optional[DatasetInfo] = None, datasets=
     `datasets` are `ray_datasets(info)` when the caller already materialized them for several runs.
     With `cfg.resume`, continues the newest unfinished training run of `cfg.run_name` instead.
     """
-    from orchestrator.resume import mark_done, run_name_for
-
     info = info or prepare_dataset(cfg.data, cfg.storage.root)
     run_name = run_name_for(cfg, "train")
     trainer = build_trainer(cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results", datasets=datasets)
