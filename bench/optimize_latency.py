@@ -23,15 +23,15 @@ import tempfile
 
 import torch
 
-from orchestrator.config import (
+from orchestrator.config.schema import (
     OPTIMIZE_METHODS, DistillConfig, ModelConfig, OptimizeConfig, PipelineConfig, PruneConfig, ScalingConfig,
     StorageConfig, TrackingConfig, to_dict,
 )
-from orchestrator.data import load_split, prepare_dataset
-from orchestrator.models import build_model
+from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.training.models import build_model
 from orchestrator.optimize.run import needs_ray, run_optimize
-from orchestrator.pipeline import connected
-from orchestrator.registry import ModelRegistry, signature_for
+from orchestrator.flows import connected
+from orchestrator.registry.store import ModelRegistry, signature_for
 
 
 def train_parent(cfg: PipelineConfig, steps: int) -> None:

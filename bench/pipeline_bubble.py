@@ -1,6 +1,6 @@
 """Pipeline bubble: measured idle fraction of a 2-stage pipeline against the GPipe/1F1B bound (p-1)/(m+p-1).
 
-Two processes (gloo) run orchestrator's pipeline plan (`orchestrator.parallel.PipelineRunner`, i.e.
+Two processes (gloo) run orchestrator's pipeline plan (`orchestrator.training.parallel.PipelineRunner`, i.e.
 torch.distributed.pipelining) over two equal stages, for m = 1, 2, 4, 8 micro-batches of one fixed
 global batch. For each rank:
 
@@ -31,8 +31,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from orchestrator.config import ParallelConfig, TrainConfig  # noqa: E402
-from orchestrator.parallel import PipelineRunner  # noqa: E402
+from orchestrator.config.schema import ParallelConfig, TrainConfig  # noqa: E402
+from orchestrator.training.parallel import PipelineRunner  # noqa: E402
 
 MICROBATCHES = (1, 2, 4, 8)
 # torch's 1F1B needs at least one micro-batch per stage.

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from ray import serve
 
-from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, to_dict
-from orchestrator.models import build_model
-from orchestrator.pipeline import connected
-from orchestrator.registry import ModelRegistry, signature_for
-from orchestrator.servable import build_servable
-from orchestrator.serving import MODEL_DEPLOYMENT, model_id, run_deploy
+from orchestrator.config.schema import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, to_dict
+from orchestrator.training.models import build_model
+from orchestrator.flows import connected
+from orchestrator.registry.store import ModelRegistry, signature_for
+from orchestrator.registry.servable import build_servable
+from serve.serving import MODEL_DEPLOYMENT, model_id, run_deploy
 from tests.integration.serving_support import INPUT_SHAPE, MODEL, free_port
 
 HIDDEN = [8192, 6400]

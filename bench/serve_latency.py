@@ -31,13 +31,13 @@ import numpy as np
 import requests
 import torch
 
-from orchestrator.config import PipelineConfig, ServeConfig, StorageConfig, with_overrides
-from orchestrator.infer_protocol import infer_response, parse_infer_request
-from orchestrator.models import build_model
-from orchestrator.pipeline import connected
-from orchestrator.registry import ModelRegistry
-from orchestrator.servable import build_servable
-from orchestrator.serving import MODEL_DEPLOYMENT, run_deploy
+from orchestrator.config.schema import PipelineConfig, ServeConfig, StorageConfig, with_overrides
+from serve.protocol import infer_response, parse_infer_request
+from orchestrator.training.models import build_model
+from orchestrator.flows import connected
+from orchestrator.registry.store import ModelRegistry
+from orchestrator.registry.servable import build_servable
+from serve.serving import MODEL_DEPLOYMENT, run_deploy
 from tests.integration.serving_support import INPUT_SHAPE, MODEL, free_port, infer_body, register
 
 BODY = json.dumps(infer_body(np.random.default_rng(0).random((1, 64), dtype=np.float32))).encode()
@@ -46,9 +46,9 @@ FASTAPI_APP = textwrap.dedent('''
     import sys, uvicorn, torch
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
-    from orchestrator.infer_protocol import BadRequest, infer_response, parse_infer_request
-    from orchestrator.registry import ModelRegistry
-    from orchestrator.servable import build_servable
+    from serve.protocol import BadRequest, infer_response, parse_infer_request
+    from orchestrator.registry.store import ModelRegistry
+    from orchestrator.registry.servable import build_servable
 
     torch.set_num_threads(1)
     version, arrays = ModelRegistry(sys.argv[1]).load(sys.argv[2], 1)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.config import (  # noqa: E402
+from orchestrator.config.schema import (  # noqa: E402
     ModelConfig, PipelineConfig, ScalingConfig, ScheduleConfig, StorageConfig, TrackingConfig, TrainConfig,
 )
-from orchestrator.data import prepare_dataset, ray_datasets  # noqa: E402
-from orchestrator.pipeline import connected  # noqa: E402
-from orchestrator.train import run_train  # noqa: E402
+from orchestrator.training.data import prepare_dataset, ray_datasets  # noqa: E402
+from orchestrator.flows import connected  # noqa: E402
+from orchestrator.training.loop import run_train  # noqa: E402
 
 
 def main() -> None:

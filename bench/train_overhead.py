@@ -3,7 +3,7 @@
 Both variants train the default MLP on the digits train split with 2 workers, the same global
 batch size and the same number of optimizer steps, in one process session:
 
-  ray    orchestrator.train.build_trainer (TorchTrainer, rows read once from Ray Data as the training loop does, prepare_model)
+  ray    orchestrator.training.loop.build_trainer (TorchTrainer, rows read once from Ray Data as the training loop does, prepare_model)
   torch  torch.multiprocessing.spawn + gloo + DistributedDataParallel over in-memory arrays
 
 A step is timed from asking for its batch to the end of optimizer.step(), so it includes the data
@@ -28,11 +28,11 @@ from typing import Any, Callable, Dict, Iterable, Tuple
 import torch
 from torch import nn
 
-from orchestrator.config import DataConfig, PipelineConfig, ScalingConfig, StorageConfig, TrackingConfig, TrainConfig
-from orchestrator.data import DatasetInfo, load_split, prepare_dataset
-from orchestrator.models import build_model
-from orchestrator.parallel import make_optimizer
-from orchestrator.train import worker_rows
+from orchestrator.config.schema import DataConfig, PipelineConfig, ScalingConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.training.data import DatasetInfo, load_split, prepare_dataset
+from orchestrator.training.models import build_model
+from orchestrator.training.parallel import make_optimizer
+from orchestrator.training.loop import worker_rows
 
 WORKERS = 2
 
@@ -100,7 +100,7 @@ def run_ray(cfg: PipelineConfig, info: DatasetInfo) -> Dict[str, Any]:
     import ray
 
     from orchestrator.runtime import ensure_ray
-    from orchestrator.train import build_trainer
+    from orchestrator.training.loop import build_trainer
 
     started = time.perf_counter()
     started_ray = ensure_ray(cfg.scaling)

@@ -3,9 +3,9 @@
 
 import hydra
 
-from orchestrator.compare import compare_schedules, run_compare
-from orchestrator.config import register_configs, to_config
-from orchestrator.pipeline import connected, print_summary
+from orchestrator.training.compare import compare_schedules, run_compare
+from orchestrator.config.schema import register_configs, to_config
+from orchestrator.flows import connected, print_summary
 
 register_configs()
 

@@ -6,9 +6,9 @@
 
 import hydra
 
-from orchestrator.config import register_configs, to_config
-from orchestrator.pipeline import connected, print_summary, serve_until_interrupted
-from orchestrator.serving import run_deploy, write_serve_config
+from orchestrator.config.schema import register_configs, to_config
+from orchestrator.flows import connected, print_summary, serve_until_interrupted
+from serve.serving import run_deploy, write_serve_config
 
 register_configs()
 

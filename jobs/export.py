@@ -12,8 +12,8 @@ import json
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from orchestrator.config import register_configs, to_config
-from orchestrator.export import write_manifests
+from orchestrator.config.schema import register_configs, to_config
+from orchestrator.kuberay.manifests import write_manifests
 
 register_configs()
 
@@ -22,7 +22,7 @@ register_configs()
 def main(dcfg) -> None:
     cfg = to_config(dcfg)
     paths = write_manifests(cfg, list(HydraConfig.get().overrides.task))
-    # One JSON line like every job's summary, printed here: orchestrator.pipeline.print_summary would load
+    # One JSON line like every job's summary, printed here: orchestrator.flows.print_summary would load
     # torch and Ray first, which a raycluster/rayjob export or a refused config need not wait for.
     print(json.dumps({"manifests": paths, "kind": cfg.export.kind, "job": cfg.export.job}), flush=True)
 

@@ -15,8 +15,8 @@ import json
 import sys
 from typing import List, Optional
 
-from orchestrator.auth import SCOPES, KeyStore, keys_url
-from orchestrator.config import StorageConfig
+from serve.auth import SCOPES, KeyStore, keys_url
+from orchestrator.config.schema import StorageConfig
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:

@@ -9,9 +9,9 @@ import contextlib
 
 import hydra
 
-from orchestrator.config import register_configs, to_config
+from orchestrator.config.schema import register_configs, to_config
 from orchestrator.optimize.run import needs_ray, print_report, run_optimize
-from orchestrator.pipeline import connected, print_summary
+from orchestrator.flows import connected, print_summary
 
 register_configs()
 

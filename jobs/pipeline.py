@@ -2,9 +2,9 @@
 
 import hydra
 
-from orchestrator.config import register_configs, to_config
+from orchestrator.config.schema import register_configs, to_config
 from orchestrator.optimize.run import print_report
-from orchestrator.pipeline import connected, print_summary, run_pipeline, serve_until_interrupted
+from orchestrator.flows import connected, print_summary, run_pipeline, serve_until_interrupted
 
 register_configs()
 

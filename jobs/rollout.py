@@ -15,7 +15,7 @@ import os
 import sys
 from typing import List, Optional
 
-from orchestrator.serving import API_KEY_ENV, http_json
+from serve.serving import API_KEY_ENV, http_json
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:

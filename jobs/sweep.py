@@ -2,9 +2,9 @@
 
 import hydra
 
-from orchestrator.config import register_configs, to_config
-from orchestrator.pipeline import connected, print_summary, register_sweep
-from orchestrator.sweep import run_sweep
+from orchestrator.config.schema import register_configs, to_config
+from orchestrator.flows import connected, print_summary, register_sweep
+from orchestrator.training.sweep import run_sweep
 
 register_configs()
 

@@ -2,9 +2,9 @@
 
 import hydra
 
-from orchestrator.config import register_configs, to_config
-from orchestrator.pipeline import connected, print_summary, register_run
-from orchestrator.train import run_train
+from orchestrator.config.schema import register_configs, to_config
+from orchestrator.flows import connected, print_summary, register_run
+from orchestrator.training.loop import run_train
 
 register_configs()
 

@@ -8,27 +8,27 @@ A driver script needs only this module:
         result = orc.run_pipeline(cfg)
     print(result.summary())
 
-Names are imported on first use, so `import orchestrator.config` stays light (no Ray, no torch).
+Names are imported on first use, so `import orchestrator.config.schema` stays light (no Ray, no torch).
 """
 
 from orchestrator._lazy import lazy_exports
 
 _EXPORTS = {
-    "orchestrator.config": [
+    "orchestrator.config.schema": [
         "CompareConfig", "DataConfig", "ExportConfig", "ModelConfig", "OptimizeConfig", "ParallelConfig", "PhaseConfig",
         "PipelineConfig", "RegistryConfig", "ScalingConfig", "ScheduleConfig", "ServeConfig", "StorageConfig",
         "TrackingConfig", "TrainConfig", "TuneConfig", "to_config", "with_overrides",
     ],
-    "orchestrator.compare": ["CompareResult", "run_compare"],
-    "orchestrator.schedules": ["Phase", "expand_schedule"],
-    "orchestrator.data": ["DatasetInfo", "load_split", "prepare_dataset"],
-    "orchestrator.export": ["validate_manifest", "write_manifests"],
+    "orchestrator.training.compare": ["CompareResult", "run_compare"],
+    "orchestrator.training.schedules": ["Phase", "expand_schedule"],
+    "orchestrator.training.data": ["DatasetInfo", "load_split", "prepare_dataset"],
+    "orchestrator.kuberay.manifests": ["validate_manifest", "write_manifests"],
     "orchestrator.optimize.run": ["OptimizeResult", "run_optimize"],
-    "orchestrator.models": ["StagedModel", "build_model"],
-    "orchestrator.pipeline": ["PipelineResult", "connected", "register_run", "register_sweep", "run_pipeline"],
-    "orchestrator.registry": ["IntegrityError", "ModelRegistry", "ModelVersion", "RegistryError"],
-    "orchestrator.serving": ["DeployResult", "build_app", "check_endpoint", "run_deploy"],
-    "orchestrator.sweep": ["SweepResult", "run_sweep"],
-    "orchestrator.train": ["TrainResult", "run_train"],
+    "orchestrator.training.models": ["StagedModel", "build_model"],
+    "orchestrator.flows": ["PipelineResult", "connected", "register_run", "register_sweep", "run_pipeline"],
+    "orchestrator.registry.store": ["IntegrityError", "ModelRegistry", "ModelVersion", "RegistryError"],
+    "serve.serving": ["DeployResult", "build_app", "check_endpoint", "run_deploy"],
+    "orchestrator.training.sweep": ["SweepResult", "run_sweep"],
+    "orchestrator.training.loop": ["TrainResult", "run_train"],
 }
 __all__, __getattr__, __dir__ = lazy_exports("orchestrator", _EXPORTS, globals())

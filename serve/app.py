@@ -18,8 +18,8 @@ from typing import Any, Dict
 
 from ray.serve import Application
 
-from orchestrator.config import PipelineConfig, RegistryConfig, ServeConfig, StorageConfig
-from orchestrator.serving import api_key_for_deploy, build_app
+from orchestrator.config.schema import PipelineConfig, RegistryConfig, ServeConfig, StorageConfig
+from serve.serving import api_key_for_deploy, build_app
 
 REQUIRED_ARGS = ("storage_root", "model", "ref")
 NOT_ARGS = ("host", "port", "model_version", "write_config", "block", "app_name")

@@ -20,7 +20,7 @@ def compose() -> Callable[[Sequence[str]], DictConfig]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from orchestrator.config import register_configs
+    from orchestrator.config.schema import register_configs
 
     register_configs()  # conf/config.yaml extends the schema stored here
 

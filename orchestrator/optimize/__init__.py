@@ -2,7 +2,7 @@
 
 `run_optimize(cfg, ref)` makes the variants named in `cfg.optimize.methods` from a registry version,
 evaluates each on the val split through the same code path that serves it
-(`orchestrator.servable.build_servable`), registers it as a variant of its parent only when its
+(`orchestrator.registry.servable.build_servable`), registers it as a variant of its parent only when its
 accuracy drop is within `cfg.optimize.tolerance`, and writes a report (Markdown and CSV) under
 `<storage root>/reports/optimize/`.
 

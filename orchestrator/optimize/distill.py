@@ -12,7 +12,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from orchestrator.data import DatasetInfo, ray_datasets
+from orchestrator.training.data import DatasetInfo, ray_datasets
 
 _TEACHERS: Dict[str, Any] = {}
 """Teacher models built in this worker process, by weights ref: a task process builds it once."""
@@ -21,7 +21,7 @@ _TEACHERS: Dict[str, Any] = {}
 def _teacher(manifest: Dict[str, Any], weights: Dict[str, Any]):
     import ray
 
-    from orchestrator.servable import build_servable
+    from orchestrator.registry.servable import build_servable
 
     key = weights["ref"].hex()
     if key not in _TEACHERS:

@@ -3,7 +3,7 @@
 Both are "train a model of the recorded architecture from given start weights (or from scratch),
 with a loss, keeping some entries at zero"; one loop serves both, configured by a `FinetuneSpec`
 that travels in the loop config. Start weights and masks are put once in the object store and
-every worker reads that copy. Checkpoints use orchestrator.train's file layout, so
+every worker reads that copy. Checkpoints use orchestrator.training.loop's file layout, so
 `result_from_ray` and `checkpoint_weights` read them. These runs are a few epochs long: a retry after
 a worker failure (train.max_failures) starts again from the start weights rather than resuming.
 """
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orchestrator.optimize.prune import masked_in_place
-from orchestrator.train import report_epoch  # the same checkpoint layout: its readers then read ours
+from orchestrator.training.loop import report_epoch  # the same checkpoint layout: its readers then read ours
 
 
 class HardLabelLoss:
@@ -68,8 +68,8 @@ def compress_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from orchestrator.models import build_model
-    from orchestrator.parallel import make_optimizer
+    from orchestrator.training.models import build_model
+    from orchestrator.training.parallel import make_optimizer
 
     cfg, info, spec = loop_config["cfg"], loop_config["data"], loop_config["finetune"]
     context = ray.train.get_context()
@@ -155,7 +155,7 @@ def _all_reduced_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> fl
 
 def run_finetune(cfg, info, spec: FinetuneSpec, *, method: str, datasets=None):
     """Fit `compress_loop_per_worker` on Ray Train; the TrainResult of its best epoch (by val accuracy)."""
-    from orchestrator.train import build_trainer, result_from_ray
+    from orchestrator.training.loop import build_trainer, result_from_ray
 
     run_name = f"{cfg.run_name}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = build_trainer(

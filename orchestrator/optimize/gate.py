@@ -8,7 +8,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from orchestrator.servable import build_servable
+from orchestrator.registry.servable import build_servable
 
 _EPSILON = 1e-9
 """Accuracies are ratios of row counts: a drop equal to the tolerance must pass despite float rounding."""

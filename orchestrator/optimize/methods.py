@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.config import OptimizeConfig, PipelineConfig, to_dict, with_overrides
-from orchestrator.data import DatasetInfo, load_split
-from orchestrator.models import build_model
-from orchestrator.registry import ModelVersion
+from orchestrator.config.schema import OptimizeConfig, PipelineConfig, to_dict, with_overrides
+from orchestrator.training.data import DatasetInfo, load_split
+from orchestrator.training.models import build_model
+from orchestrator.registry.store import ModelVersion
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +153,7 @@ def _fit(run_cfg: PipelineConfig, parent: Parent, method: str, *, weights=None, 
     import ray
 
     from orchestrator.optimize.finetune import FinetuneSpec, HardLabelLoss, run_finetune
-    from orchestrator.train import checkpoint_weights
+    from orchestrator.training.loop import checkpoint_weights
 
     shared = {"ref": ray.put({"weights": weights, "masks": masks or {}})}
     spec = FinetuneSpec(loss=loss or HardLabelLoss(), shared=shared)

@@ -177,8 +177,8 @@ def int8_model(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> nn.Mo
     architecture (its random initial values are all overwritten); static quantization is prepared
     and converted on one row of zeros, whose ranges are then replaced by the stored ones.
     """
-    from orchestrator.config import from_dict
-    from orchestrator.models import build_model
+    from orchestrator.config.schema import from_dict
+    from orchestrator.training.models import build_model
 
     variant, signature = manifest["variant"], manifest["signature"]
     float_model = build_model(from_dict(manifest["config"]).model, signature["input_shape"], signature["num_classes"])

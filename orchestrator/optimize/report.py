@@ -14,10 +14,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from orchestrator import storage
+from orchestrator.registry import storage
 from orchestrator.optimize.quantize import int8_parameter_values
-from orchestrator.registry import weights_to_bytes
-from orchestrator.servable import INT8_VARIANTS, build_servable, meta_model
+from orchestrator.registry.store import weights_to_bytes
+from orchestrator.registry.servable import INT8_VARIANTS, build_servable, meta_model
 
 LATENCY_BATCHES = (1, 32)
 WARMUP = 3
@@ -60,7 +60,7 @@ def median_latency_ms(forward, rows: np.ndarray, repeats: int) -> float:
     """Median wall time of `forward` on `rows` with one intra-op thread, after a warm-up."""
     x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # serving replicas run one thread each (orchestrator.serving.ModelServer)
+    torch.set_num_threads(1)  # serving replicas run one thread each (serve.serving.ModelServer)
     try:
         with torch.inference_mode():
             for _ in range(WARMUP):

@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from orchestrator.config import OptimizeConfig, PipelineConfig, from_dict
-from orchestrator.data import load_split, prepare_dataset
+from orchestrator.config.schema import OptimizeConfig, PipelineConfig, from_dict
+from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.optimize.gate import AccuracyGate, GateDecision, accuracy
 from orchestrator.optimize.methods import Candidate, CompressionMethod, Parent, make_methods
 from orchestrator.optimize.report import VariantReport, measure, write_report
-from orchestrator.registry import WEIGHTS, ModelRegistry, ModelVersion
-from orchestrator.servable import INT8_VARIANTS
+from orchestrator.registry.store import WEIGHTS, ModelRegistry, ModelVersion
+from orchestrator.registry.servable import INT8_VARIANTS
 
 log = logging.getLogger(__name__)
 

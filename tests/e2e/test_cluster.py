@@ -26,8 +26,8 @@ from cluster.local_cluster import (
     ClusterSpec, dashboard_get, host_command, kill_node, node_env, ray_nodes, restart_node, start_cluster, stop_cluster,
     submit_job,
 )
-from orchestrator.checkpoints import newest_complete
-from orchestrator.serving import http_json
+from orchestrator.training.checkpoints import newest_complete
+from serve.serving import http_json
 from tests.e2e.conftest import REPO, free_port, last_json_line
 
 PIPELINE = ["experiment=smoke", "serve.block=false", "tune.num_samples=1", "tune.search_space.train.lr=[grid,0.01,0.003]", "train.epochs=4"]

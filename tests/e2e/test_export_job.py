@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from orchestrator.export import validate_manifest
+from orchestrator.kuberay.manifests import validate_manifest
 from tests.e2e.conftest import last_json_line, run_job
 
 OVERRIDES = ["storage.root=s3://bucket/runs", "serve.host=0.0.0.0", "serve.port=8080", "model=cnn",

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.checkpoints import complete_checkpoints
-from orchestrator.resume import DONE_FILE
-from orchestrator.train import read_history
+from orchestrator.training.checkpoints import complete_checkpoints
+from orchestrator.training.resume import DONE_FILE
+from orchestrator.training.loop import read_history
 from tests.e2e.conftest import REPO, job_env, last_json_line, run_job
 
 EPOCHS = 12

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import PipelineConfig
-from orchestrator.pipeline import connected
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.flows import connected
 
 REPO = Path(__file__).resolve().parents[2]
 

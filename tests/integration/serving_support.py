@@ -9,9 +9,9 @@ import requests
 import torch
 from sklearn.datasets import load_digits
 
-from orchestrator.config import ModelConfig, PipelineConfig, to_dict, with_overrides
-from orchestrator.models import build_model
-from orchestrator.registry import ModelRegistry, ModelVersion, signature_for
+from orchestrator.config.schema import ModelConfig, PipelineConfig, to_dict, with_overrides
+from orchestrator.training.models import build_model
+from orchestrator.registry.store import ModelRegistry, ModelVersion, signature_for
 
 MODEL = "digits"
 INPUT_SHAPE = [1, 8, 8]

@@ -3,9 +3,9 @@
 import csv
 import io
 
-from orchestrator import storage
-from orchestrator.compare import run_compare
-from orchestrator.config import CompareConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.registry import storage
+from orchestrator.training.compare import run_compare
+from orchestrator.config.schema import CompareConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
 
 
 def test_compare_writes_table_and_plot_with_honest_compute(ray_cluster, tmp_path):

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Callable, List
 
-from orchestrator.checkpoints import complete_checkpoints
-from orchestrator.config import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
-from orchestrator.sweep import run_sweep
-from orchestrator.train import run_train
+from orchestrator.training.checkpoints import complete_checkpoints
+from orchestrator.config.schema import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
+from orchestrator.training.sweep import run_sweep
+from orchestrator.training.loop import run_train
 
 KILLS = 3
 EPOCHS = 10

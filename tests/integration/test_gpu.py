@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from orchestrator.config import ParallelConfig, PipelineConfig, ScalingConfig, ScheduleConfig, StorageConfig, TrackingConfig, TrainConfig
-from orchestrator.train import run_train
+from orchestrator.config.schema import ParallelConfig, PipelineConfig, ScalingConfig, ScheduleConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.training.loop import run_train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,18 +10,18 @@ import torch
 from ray import serve
 from ray.data.dataset import MaterializedDataset
 
-from orchestrator.config import (
+from orchestrator.config.schema import (
     DistillConfig, ModelConfig, OptimizeConfig, PipelineConfig, PruneConfig, ScalingConfig, ServeConfig, StorageConfig,
     TrackingConfig, to_dict,
 )
-from orchestrator.data import load_split, prepare_dataset
-from orchestrator.models import build_model
+from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.training.models import build_model
 from orchestrator.optimize.distill import teacher_datasets
 from orchestrator.optimize.gate import accuracy, predict_labels
 from orchestrator.optimize.prune import apply_masks, l1_masks
 from orchestrator.optimize.run import run_optimize
-from orchestrator.registry import ModelRegistry, signature_for
-from orchestrator.serving import run_deploy
+from orchestrator.registry.store import ModelRegistry, signature_for
+from serve.serving import run_deploy
 from tests.e2e.conftest import last_json_line, run_job
 from tests.integration.serving_support import fit, free_port
 

@@ -19,15 +19,15 @@ import pytest
 import torch
 from ray import serve
 
-from orchestrator import storage
-from orchestrator.config import DataConfig, ModelConfig, PipelineConfig, ServeConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
-from orchestrator.data import load_split, prepare_dataset, ray_datasets
-from orchestrator.pipeline import register_run
-from orchestrator.registry import MANIFEST, MANIFEST_SUM, WEIGHTS, ModelRegistry
-from orchestrator.servable import build_servable
-from orchestrator.serving import run_deploy
-from orchestrator.sweep import run_sweep
-from orchestrator.train import HISTORY_FILE, STATE_FILE, checkpoint_weights, run_train
+from orchestrator.registry import storage
+from orchestrator.config.schema import DataConfig, ModelConfig, PipelineConfig, ServeConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
+from orchestrator.training.data import load_split, prepare_dataset, ray_datasets
+from orchestrator.flows import register_run
+from orchestrator.registry.store import MANIFEST, MANIFEST_SUM, WEIGHTS, ModelRegistry
+from orchestrator.registry.servable import build_servable
+from serve.serving import run_deploy
+from orchestrator.training.sweep import run_sweep
+from orchestrator.training.loop import HISTORY_FILE, STATE_FILE, checkpoint_weights, run_train
 from tests.integration.serving_support import client, digits, free_port, infer_body
 
 MODEL = "digits"

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from orchestrator.auth import KeyStore, keys_url
-from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, with_overrides
-from orchestrator.models import build_model
-from orchestrator.registry import WEIGHTS, IntegrityError, ModelRegistry, RegistryError
-from orchestrator.serving import (
+from serve.auth import KeyStore, keys_url
+from orchestrator.config.schema import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, with_overrides
+from orchestrator.training.models import build_model
+from orchestrator.registry.store import WEIGHTS, IntegrityError, ModelRegistry, RegistryError
+from serve.serving import (
     CONTROLLER_DEPLOYMENT, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, NAMESPACE, build_app, check_endpoint, model_id, run_deploy,
     serve_config, weights_holder_name,
 )

@@ -17,9 +17,9 @@ import torch
 from ray import serve
 from ray.util.state import list_actors
 
-from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig
-from orchestrator.models import build_model
-from orchestrator.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, run_deploy
+from orchestrator.config.schema import ModelConfig, PipelineConfig, ServeConfig, StorageConfig
+from orchestrator.training.models import build_model
+from serve.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, run_deploy
 from tests.integration.serving_support import INPUT_SHAPE, digits, fit, free_port, infer_body, register, register_user_model
 
 KILLS = 3

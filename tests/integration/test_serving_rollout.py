@@ -14,10 +14,10 @@ import requests
 import torch
 from ray import serve
 
-from orchestrator.config import LimitsConfig, ModelConfig, PipelineConfig, RolloutConfig, ServeConfig, StorageConfig
-from orchestrator.models import build_model
-from orchestrator.registry import ModelRegistry
-from orchestrator.serving import MODEL_DEPLOYMENT, model_id, run_deploy
+from orchestrator.config.schema import LimitsConfig, ModelConfig, PipelineConfig, RolloutConfig, ServeConfig, StorageConfig
+from orchestrator.training.models import build_model
+from orchestrator.registry.store import ModelRegistry
+from serve.serving import MODEL_DEPLOYMENT, model_id, run_deploy
 from tests.integration.conftest import REPO
 from tests.integration.serving_support import (
     INPUT_SHAPE, MODEL, digits, fit, free_port, hammer, infer_body, register, register_user_model, served_versions,

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from orchestrator.config import ModelConfig, ParallelConfig, PipelineConfig, ScheduleConfig, StorageConfig, TrackingConfig, TrainConfig
-from orchestrator.train import checkpoint_weights, run_train
+from orchestrator.config.schema import ModelConfig, ParallelConfig, PipelineConfig, ScheduleConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.training.loop import checkpoint_weights, run_train
 
 
 def _cfg(tmp_path, *, schedule="layerwise", strategy="ddp", epochs=6, **extra) -> PipelineConfig:

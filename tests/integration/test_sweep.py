@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from orchestrator.config import PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
-from orchestrator.pipeline import register_sweep
-from orchestrator.registry import ModelRegistry
-from orchestrator.sweep import run_sweep
+from orchestrator.config.schema import PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
+from orchestrator.flows import register_sweep
+from orchestrator.registry.store import ModelRegistry
+from orchestrator.training.sweep import run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_one_offline_wandb_run_per_trial(sweep_and_root):
 
 
 def test_schedule_boundaries_and_decay_are_swept_like_any_hyperparameter(ray_cluster, tmp_path):
-    from orchestrator.config import ScheduleConfig
+    from orchestrator.config.schema import ScheduleConfig
 
     cfg = PipelineConfig(
         storage=StorageConfig(root=f"file://{tmp_path}"), tracking=TrackingConfig(enabled=False), train=TrainConfig(epochs=4),

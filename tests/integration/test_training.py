@@ -5,8 +5,8 @@ DDP learning and resuming are covered by test_faults.py (SIGKILLed workers) and 
 
 import dataclasses
 
-from orchestrator.config import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
-from orchestrator.train import checkpoint_weights, run_train
+from orchestrator.config.schema import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.training.loop import checkpoint_weights, run_train
 
 
 def _cfg(tmp_path, **train) -> PipelineConfig:

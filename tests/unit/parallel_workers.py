@@ -5,11 +5,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import ModelConfig, ParallelConfig, ScheduleConfig, TrainConfig
-from orchestrator.models import build_model
-from orchestrator.parallel import make_runner
-from orchestrator.phases import PhaseModel, make_aux_heads
-from orchestrator.schedules import expand_schedule
+from orchestrator.config.schema import ModelConfig, ParallelConfig, ScheduleConfig, TrainConfig
+from orchestrator.training.models import build_model
+from orchestrator.training.parallel import make_runner
+from orchestrator.training.phases import PhaseModel, make_aux_heads
+from orchestrator.training.schedules import expand_schedule
 
 TRAIN = TrainConfig(optimizer="sgd", lr=0.1, epochs=4, batch_size=16)
 MODEL = ModelConfig(hidden=[16, 12, 10])

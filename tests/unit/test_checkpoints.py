@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.checkpoints import MANIFEST, TornCheckpoint, complete_checkpoints, newest_complete, verify, write_manifest
-from orchestrator.config import PipelineConfig, StorageConfig
-from orchestrator.registry import ModelRegistry
-from orchestrator.resume import mark_done, newest_unfinished, run_name_for
-from orchestrator.train import HISTORY_FILE, STATE_FILE, checkpoint_weights, load_state, read_history
+from orchestrator.training.checkpoints import MANIFEST, TornCheckpoint, complete_checkpoints, newest_complete, verify, write_manifest
+from orchestrator.config.schema import PipelineConfig, StorageConfig
+from orchestrator.registry.store import ModelRegistry
+from orchestrator.training.resume import mark_done, newest_unfinished, run_name_for
+from orchestrator.training.loop import HISTORY_FILE, STATE_FILE, checkpoint_weights, load_state, read_history
 
 
 def _write_checkpoint(folder, epoch: int, *, manifest: bool = True) -> None:
@@ -80,8 +80,8 @@ def test_a_checkpoint_without_manifest_does_not_count_and_a_lost_report_is_found
 
 
 def test_registration_refuses_a_torn_checkpoint_and_writes_nothing(run, tmp_path):
-    from orchestrator.pipeline import register_run
-    from orchestrator.train import TrainResult
+    from orchestrator.flows import register_run
+    from orchestrator.training.loop import TrainResult
 
     root = f"file://{tmp_path}"
     path = str(run / "checkpoint_2026-11-24_00-00-03")

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from orchestrator.config import ExportConfig
+from orchestrator.config.schema import ExportConfig
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_SCHEMA = Path(importlib.util.find_spec("ray").origin).parent / "autoscaler" / "ray-schema.json"

@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from orchestrator.config import (
+from orchestrator.config.schema import (
     PipelineConfig,
     StorageConfig,
     TrainConfig,

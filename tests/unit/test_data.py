@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.config import DataConfig
-from orchestrator.data import load_split, prepare_dataset
+from orchestrator.config.schema import DataConfig
+from orchestrator.training.data import load_split, prepare_dataset
 
 DIGITS_ROWS = 1797
 

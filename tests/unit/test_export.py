@@ -9,8 +9,8 @@ import shlex
 import pytest
 import yaml
 
-from orchestrator.config import to_config
-from orchestrator.export import (
+from orchestrator.config.schema import to_config
+from orchestrator.kuberay.manifests import (
     crd_validator,
     rayjob,
     validate_manifest,
@@ -50,7 +50,7 @@ def test_all_three_kinds_are_written_and_valid_against_their_crds(export):
 
 
 def test_rayservice_serve_config_is_what_jobs_deploy_writes(export, tmp_path):
-    from orchestrator.serving import serve_config, write_serve_config
+    from serve.serving import serve_config, write_serve_config
 
     manifests, cfg = export("serve.port=8080", "serve.max_replicas=5", "serve.model_version=7")
     served = yaml.safe_load(manifests["rayservice"]["spec"]["serveConfigV2"])

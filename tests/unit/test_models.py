@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.config import DataConfig, ModelConfig, to_config
-from orchestrator.data import load_split, prepare_dataset
-from orchestrator.models import StagedModel, build_model
+from orchestrator.config.schema import DataConfig, ModelConfig, to_config
+from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.training.models import StagedModel, build_model
 from tests.unit import user_models
 
 DIGITS_SHAPE = [1, 8, 8]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import storage
-from orchestrator.config import (
+from orchestrator.registry import storage
+from orchestrator.config.schema import (
     DistillConfig,
     ModelConfig,
     OptimizeConfig,
@@ -25,14 +25,14 @@ from orchestrator.config import (
     to_config,
     to_dict,
 )
-from orchestrator.data import load_split, prepare_dataset
-from orchestrator.models import build_model
+from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.training.models import build_model
 from orchestrator.optimize.gate import AccuracyGate, predict_labels
 from orchestrator.optimize.prune import apply_masks, l1_masks, sparsity_of, unit_sparsity
 from orchestrator.optimize.quantize import int8_arrays, int8_model, quantize
 from orchestrator.optimize.run import needs_ray, run_optimize
-from orchestrator.registry import WEIGHTS, ModelRegistry, signature_for, weights_from_bytes, weights_to_bytes
-from orchestrator.servable import build_servable
+from orchestrator.registry.store import WEIGHTS, ModelRegistry, signature_for, weights_from_bytes, weights_to_bytes
+from orchestrator.registry.servable import build_servable
 
 MODEL = "digits"
 HEAD = {"int8_dynamic": "head", "int8_static": "module.head"}  # static wraps the model in QuantWrapper

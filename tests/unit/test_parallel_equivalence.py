@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.unit import parallel_workers as workers
-from orchestrator.config import ParallelConfig
+from orchestrator.config.schema import ParallelConfig
 
 
 def _free_port() -> int:

@@ -9,8 +9,8 @@ import uuid
 import numpy as np
 import pytest
 
-from orchestrator import storage
-from orchestrator.registry import (
+from orchestrator.registry import storage
+from orchestrator.registry.store import (
     MANIFEST,
     MANIFEST_SUM,
     WEIGHTS,

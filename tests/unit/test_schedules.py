@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from orchestrator.config import ModelConfig, ParallelConfig, PipelineConfig, ScheduleConfig, TrainConfig
-from orchestrator.models import build_model
-from orchestrator.phases import Compute, PhaseModel, add_cache_compute, add_epoch_compute, forward_flops, make_aux_heads
-from orchestrator.schedules import AUX, HEAD, builtin_stage_names, expand_schedule, schedule_epochs
+from orchestrator.config.schema import ModelConfig, ParallelConfig, PipelineConfig, ScheduleConfig, TrainConfig
+from orchestrator.training.models import build_model
+from orchestrator.training.phases import Compute, PhaseModel, add_cache_compute, add_epoch_compute, forward_flops, make_aux_heads
+from orchestrator.training.schedules import AUX, HEAD, builtin_stage_names, expand_schedule, schedule_epochs
 
 STAGES = ["block0", "block1", "block2"]
 
@@ -132,6 +132,6 @@ def test_search_space_can_sweep_the_schedule():
     cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, search_space={
         "schedule": {"phase_epochs": ["choice", [2, 2, 8], [4, 4, 4]], "lr_decay": ["uniform", 0.5, 1.0]}}))
     PipelineConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})  # validates the paths
-    from orchestrator.sweep import longest_trial
+    from orchestrator.training.sweep import longest_trial
 
     assert longest_trial(cfg) == 12

@@ -1,11 +1,11 @@
-"""API keys (orchestrator.auth) and rollout state (orchestrator.rollout), without Ray or HTTP."""
+"""API keys (serve.auth) and rollout state (serve.rollout), without Ray or HTTP."""
 
 import pytest
 
-from orchestrator.auth import Authenticator, KeyStore
-from orchestrator.config import RolloutConfig, ServeConfig
-from orchestrator.infer_protocol import BadRequest
-from orchestrator.rollout import Decision, RollbackPolicy, RolloutError, RouteTable, percentile
+from serve.auth import Authenticator, KeyStore
+from orchestrator.config.schema import RolloutConfig, ServeConfig
+from serve.protocol import BadRequest
+from serve.rollout import Decision, RollbackPolicy, RolloutError, RouteTable, percentile
 
 
 @pytest.fixture
@@ -88,8 +88,8 @@ def test_serve_config_sections_validate_and_rebuild_from_dicts():
 
 
 def test_deploy_key_first_start_then_minted_then_from_env(tmp_path, monkeypatch, caplog):
-    from orchestrator.config import PipelineConfig, StorageConfig
-    from orchestrator.serving import API_KEY_ENV, api_key_for_deploy
+    from orchestrator.config.schema import PipelineConfig, StorageConfig
+    from serve.serving import API_KEY_ENV, api_key_for_deploy
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     cfg = PipelineConfig(storage=StorageConfig(root=str(tmp_path)))
@@ -109,8 +109,8 @@ def test_deploy_key_first_start_then_minted_then_from_env(tmp_path, monkeypatch,
 def test_serve_config_carries_every_setting_for_the_builder(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    from orchestrator.config import PipelineConfig, StorageConfig
-    from orchestrator.serving import serve_config
+    from orchestrator.config.schema import PipelineConfig, StorageConfig
+    from serve.serving import serve_config
     from serve.app import config_from_args
 
     cfg = PipelineConfig(storage=StorageConfig(root=str(tmp_path)), serve=ServeConfig(port=8123, min_replicas=0, limits={"request_timeout_s": 5.0}))

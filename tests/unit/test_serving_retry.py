@@ -7,8 +7,8 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from orchestrator.config import ServeConfig
-from orchestrator.serving import _replica_died
+from orchestrator.config.schema import ServeConfig
+from serve.serving import _replica_died
 
 
 def test_only_a_dead_or_unreachable_replica_is_retried():

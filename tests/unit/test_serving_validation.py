@@ -1,11 +1,11 @@
-"""Validation of v2 infer requests (orchestrator.serving.parse_infer_request), without Ray or HTTP."""
+"""Validation of v2 infer requests (serve.serving.parse_infer_request), without Ray or HTTP."""
 
 import json
 
 import numpy as np
 import pytest
 
-from orchestrator.serving import BadRequest, infer_response, parse_infer_request
+from serve.serving import BadRequest, infer_response, parse_infer_request
 
 INPUT_SHAPE = [1, 2, 2]  # 4 features
 MAX_ROWS = 3

@@ -10,14 +10,14 @@ from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
-from orchestrator.config import PipelineConfig, to_dict, with_overrides
-from orchestrator.data import load_split, prepare_dataset
+from orchestrator.config.schema import PipelineConfig, to_dict, with_overrides
+from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.optimize.run import OptimizeResult, run_optimize
-from orchestrator.registry import ModelRegistry, ModelVersion, signature_for
+from orchestrator.registry.store import ModelRegistry, ModelVersion, signature_for
 from orchestrator.runtime import ensure_ray
-from orchestrator.serving import DeployResult, check_endpoint, run_deploy
-from orchestrator.sweep import SweepResult, run_sweep
-from orchestrator.train import TrainResult, checkpoint_weights
+from serve.serving import DeployResult, check_endpoint, run_deploy
+from orchestrator.training.sweep import SweepResult, run_sweep
+from orchestrator.training.loop import TrainResult, checkpoint_weights
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
-from orchestrator import storage
+from orchestrator.registry import storage
 
 log = logging.getLogger(__name__)
 

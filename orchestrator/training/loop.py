@@ -1,7 +1,7 @@
 """One distributed training run: a Ray Train V2 TorchTrainer over Ray Data.
 
-Each worker runs the configured schedule (orchestrator.schedules) phase by phase under the
-configured parallel plan (orchestrator.parallel). Each epoch reports train loss, the whole model's
+Each worker runs the configured schedule (orchestrator.training.schedules) phase by phase under the
+configured parallel plan (orchestrator.training.parallel). Each epoch reports train loss, the whole model's
 val loss and accuracy, the phase model's accuracy and the compute spent so far, with a checkpoint
 (rank 0 writes it). A failed worker group is restarted by Ray Train (`train.max_failures`) and every
 rank resumes from the latest reported checkpoint, in the phase and epoch it had reached.
@@ -22,16 +22,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator import storage
-from orchestrator.checkpoints import TornCheckpoint, complete_checkpoints, newest_complete, read_verified, write_manifest
-from orchestrator.config import PipelineConfig, to_dict
-from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
-from orchestrator.models import build_model
-from orchestrator.parallel import make_runner, shards_data
-from orchestrator.phases import Compute, PhaseModel, add_cache_compute, add_epoch_compute, forward_flops, make_aux_heads
-from orchestrator.resume import mark_done, run_name_for
-from orchestrator.schedules import HEAD, Phase, expand_schedule
-from orchestrator.tracking import start_tracking
+from orchestrator.registry import storage
+from orchestrator.training.checkpoints import TornCheckpoint, complete_checkpoints, newest_complete, read_verified, write_manifest
+from orchestrator.config.schema import PipelineConfig, to_dict
+from orchestrator.training.data import DatasetInfo, prepare_dataset, ray_datasets
+from orchestrator.training.models import build_model
+from orchestrator.training.parallel import make_runner, shards_data
+from orchestrator.training.phases import Compute, PhaseModel, add_cache_compute, add_epoch_compute, forward_flops, make_aux_heads
+from orchestrator.training.resume import mark_done, run_name_for
+from orchestrator.training.schedules import HEAD, Phase, expand_schedule
+from orchestrator.training.tracking import start_tracking
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
@@ -266,7 +266,7 @@ def _all_reduce(stats: torch.Tensor) -> torch.Tensor:
 def report_epoch(metrics: Dict[str, Any], history: List[Dict[str, Any]], state: Dict[str, Any], rank: int) -> None:
     """Report `metrics` to Ray Train; rank 0 attaches a checkpoint of `state` and `history`.
 
-    The checkpoint's manifest is written last (orchestrator.checkpoints): one that is cut short never counts.
+    The checkpoint's manifest is written last (orchestrator.training.checkpoints): one that is cut short never counts.
     """
     import ray.train
 

@@ -2,7 +2,7 @@
 
 Nothing here starts Ray. The three kinds share one cluster spec (`cluster_spec`) and one pod template
 helper (`_pod_template`). Each manifest is checked against the KubeRay CRD schema shipped in
-cluster/kuberay/crds before it is written, strictly: a field the CRD does not define is an error, as
+orchestrator/kuberay/crds before it is written, strictly: a field the CRD does not define is an error, as
 with `kubectl apply`'s strict field validation (the API server would otherwise drop it silently).
 """
 
@@ -20,11 +20,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 import jsonschema
 import yaml
 
-from orchestrator.config import EXPORT_KINDS, PipelineConfig, _require
+from orchestrator.config.schema import EXPORT_KINDS, PipelineConfig, _require
 
 log = logging.getLogger(__name__)
 
-CRD_DIR = Path(__file__).resolve().parents[1] / "cluster" / "kuberay" / "crds"
+CRD_DIR = Path(__file__).resolve().parent / "crds"  # package data: installed with the wheel
 API_VERSION = "ray.io/v1"
 KINDS = ("RayCluster", "RayJob", "RayService")
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
@@ -91,7 +91,7 @@ def rayjob(cfg: PipelineConfig, overrides: Sequence[str]) -> Dict[str, Any]:
 
 def rayservice(cfg: PipelineConfig) -> Dict[str, Any]:
     """A RayService whose `serveConfigV2` is `serve_config(cfg)`, as `jobs.deploy serve.write_config=...` writes it."""
-    from orchestrator.serving import serve_config  # imports torch and Ray Serve: only when a RayService is asked for
+    from serve.serving import serve_config  # imports torch and Ray Serve: only when a RayService is asked for
 
     return _manifest(cfg, "RayService", f"{cfg.export.name}-serve", {
         "serveConfigV2": yaml.safe_dump(serve_config(cfg), sort_keys=False),
@@ -211,7 +211,7 @@ def _without_nulls(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def crd_validator(kind: str):
-    """A jsonschema validator of the `ray.io/v1` `kind` (e.g. 'RayJob') from the CRD in cluster/kuberay/crds."""
+    """A jsonschema validator of the `ray.io/v1` `kind` (e.g. 'RayJob') from the CRD in orchestrator/kuberay/crds."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads the 1 MB CRDs 3x faster
     crd = yaml.load((CRD_DIR / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == API_VERSION.split("/")[1]]

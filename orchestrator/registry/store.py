@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from orchestrator import storage
-from orchestrator.config import _is_identifier
+from orchestrator.registry import storage
+from orchestrator.config.schema import _is_identifier
 
 WEIGHTS = "weights.npz"
 MANIFEST = "manifest.json"
@@ -82,7 +82,7 @@ class ModelRegistry:
         """Add the next version of `model`. Returns it; never rewrites an existing version.
 
         `variant` marks a compressed variant of another version ({"method", "parent_version", ...});
-        `orchestrator.servable.build_servable` dispatches on its "method".
+        `orchestrator.registry.servable.build_servable` dispatches on its "method".
         """
         _check_name(model, "model name")
         blob = weights_to_bytes(weights)

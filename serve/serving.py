@@ -44,13 +44,13 @@ from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.auth import SCOPES, Authenticator, KeyStore, keys_url
-from orchestrator.config import PipelineConfig, ServeConfig
-from orchestrator.infer_protocol import BadRequest, InferRequest, infer_response, parse_infer_request
-from orchestrator.registry import WEIGHTS, IntegrityError, ModelRegistry, ModelVersion, RegistryError
-from orchestrator.rollout import RollbackPolicy, RolloutError, Route, RouteTable
-from orchestrator.servable import build_servable
-from orchestrator.serve_metrics import BatchMetrics, IngressMetrics
+from serve.auth import SCOPES, Authenticator, KeyStore, keys_url
+from orchestrator.config.schema import PipelineConfig, ServeConfig
+from serve.protocol import BadRequest, InferRequest, infer_response, parse_infer_request
+from orchestrator.registry.store import WEIGHTS, IntegrityError, ModelRegistry, ModelVersion, RegistryError
+from serve.rollout import RollbackPolicy, RolloutError, Route, RouteTable
+from orchestrator.registry.servable import build_servable
+from serve.metrics import BatchMetrics, IngressMetrics
 
 __all__ = [
     "BadRequest", "DeployResult", "InferRequest", "build_app", "check_endpoint", "infer_response",

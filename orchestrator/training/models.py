@@ -14,7 +14,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from orchestrator.config import ModelConfig
+from orchestrator.config.schema import ModelConfig
 
 
 class StagedModel(nn.Module):

@@ -13,13 +13,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from orchestrator import storage
-from orchestrator.checkpoints import is_complete
-from orchestrator.config import PipelineConfig, iter_search_space, with_overrides
-from orchestrator.data import DatasetInfo, prepare_dataset, ray_datasets
-from orchestrator.resume import mark_done, run_name_for
-from orchestrator.schedules import schedule_epochs
-from orchestrator.train import TrainResult, build_trainer, read_history
+from orchestrator.registry import storage
+from orchestrator.training.checkpoints import is_complete
+from orchestrator.config.schema import PipelineConfig, iter_search_space, with_overrides
+from orchestrator.training.data import DatasetInfo, prepare_dataset, ray_datasets
+from orchestrator.training.resume import mark_done, run_name_for
+from orchestrator.training.schedules import schedule_epochs
+from orchestrator.training.loop import TrainResult, build_trainer, read_history
 
 log = logging.getLogger(__name__)
 

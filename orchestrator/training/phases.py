@@ -14,8 +14,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from orchestrator.models import StagedModel
-from orchestrator.schedules import AUX, HEAD, Phase
+from orchestrator.training.models import StagedModel
+from orchestrator.training.schedules import AUX, HEAD, Phase
 
 
 def make_aux_heads(model: StagedModel, phases: Sequence[Phase], num_classes: int, seed: int) -> nn.ModuleDict:

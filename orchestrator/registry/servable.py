@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict
 import numpy as np
 import torch
 
-from orchestrator.config import from_dict
-from orchestrator.models import build_model
+from orchestrator.config.schema import from_dict
+from orchestrator.training.models import build_model
 
 Servable = Callable[[torch.Tensor], torch.Tensor]
 """A batch [n, *input_shape] or [n, features] of float32 -> logits [n, classes]."""

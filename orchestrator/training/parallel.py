@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.config import ParallelConfig, TrainConfig
+from orchestrator.config.schema import ParallelConfig, TrainConfig
 
 _LOSS = nn.CrossEntropyLoss()
 

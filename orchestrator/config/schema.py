@@ -653,7 +653,7 @@ class PipelineConfig:
             if self.parallel.pipeline_schedule == "1f1b":  # torch's 1F1B needs a micro-batch per stage in flight
                 _require(self.parallel.microbatches >= self.scaling.num_workers, "parallel.microbatches",
                          f"must be >= scaling.num_workers ({self.scaling.num_workers}) for 1f1b, got {self.parallel.microbatches}")
-        from orchestrator.schedules import check_schedule  # imports this module: import late
+        from orchestrator.training.schedules import check_schedule  # imports this module: import late
 
         check_schedule(self.schedule, self.model, self.train.epochs)
         for path, _ in iter_search_space(self.tune.search_space):

@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from orchestrator import storage
-from orchestrator.config import DataConfig
+from orchestrator.registry import storage
+from orchestrator.config.schema import DataConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +89,7 @@ def ray_datasets(info: DatasetInfo) -> Dict[str, Any]:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     # Rows keep their Parquet order, so every worker that reads a split sees the same sequence and
-    # its share of it (orchestrator.train) is the same from run to run.
+    # its share of it (orchestrator.training.loop) is the same from run to run.
     context.execution_options.preserve_order = True
     columns, label = info.feature_columns, info.label_column
 

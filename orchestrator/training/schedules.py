@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
-from orchestrator.config import ModelConfig, PhaseConfig, ScheduleConfig
+from orchestrator.config.schema import ModelConfig, PhaseConfig, ScheduleConfig
 
 HEAD = "head"
 AUX = "aux"
@@ -61,7 +61,7 @@ class Phase:
 
 
 def builtin_stage_names(model: ModelConfig) -> List[str]:
-    """Stage names of a built-in model (as orchestrator.models builds them), or [] for a `_target_` model."""
+    """Stage names of a built-in model (as orchestrator.training.models builds them), or [] for a `_target_` model."""
     if model._target_:
         return []
     if model.name == "cnn":

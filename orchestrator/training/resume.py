@@ -3,7 +3,7 @@
 Runs are named `<run_name>-<kind>-<timestamp>` under `<root>/ray_results/`. A run that ends writes
 `orchestrator_done.json` into its folder; `resume=true` continues the newest folder of its kind
 without one. Everything a run needs to continue lives under the storage root: Ray Train's
-checkpoints (verified, see orchestrator.checkpoints) and Tune's experiment state.
+checkpoints (verified, see orchestrator.training.checkpoints) and Tune's experiment state.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Any, Dict, Optional
 
-from orchestrator import storage
-from orchestrator.config import PipelineConfig
+from orchestrator.registry import storage
+from orchestrator.config.schema import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from orchestrator import storage
-from orchestrator.infer_protocol import BadRequest
+from orchestrator.registry import storage
+from serve.protocol import BadRequest
 
 SCOPES = ("infer", "admin")
 KEY_PREFIX = "orc"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
-from orchestrator import storage
-from orchestrator.config import TrackingConfig
+from orchestrator.registry import storage
+from orchestrator.config.schema import TrackingConfig
 
 
 class Tracker:

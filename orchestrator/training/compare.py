@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
-from orchestrator import storage
-from orchestrator.config import PipelineConfig, ScheduleConfig
-from orchestrator.data import prepare_dataset, ray_datasets
-from orchestrator.schedules import schedule_epochs
-from orchestrator.train import run_train
+from orchestrator.registry import storage
+from orchestrator.config.schema import PipelineConfig, ScheduleConfig
+from orchestrator.training.data import prepare_dataset, ray_datasets
+from orchestrator.training.schedules import schedule_epochs
+from orchestrator.training.loop import run_train
 
 COLUMNS = ["schedule", "runs", "val_accuracy", "val_accuracy_std", "final_val_accuracy", "train_gflops", "forward_passes",
            "backward_passes", "epoch_s", "wall_s", "gflops_vs_end_to_end"]

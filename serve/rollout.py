@@ -1,7 +1,7 @@
 """Rollout state of served models: a stable version, an optional canary candidate with a traffic
 share, promotion, rollback, and the policy that rolls a failing candidate back by itself.
 
-Pure (no Ray): the `RolloutController` deployment in orchestrator.serving owns one `RouteTable`
+Pure (no Ray): the `RolloutController` deployment in serve.serving owns one `RouteTable`
 and calls it once per admin action or per batch of outcomes reported by the ingress replicas.
 """
 
@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from orchestrator.config import RolloutConfig
+from orchestrator.config.schema import RolloutConfig
 
 Outcome = Tuple[str, int, bool, float]
 """(model, version, ok, latency_ms) of one infer request; ok is False for a 5xx or a timeout."""
