@@ -23,8 +23,8 @@ import tempfile
 import time
 
 from cluster.local_cluster import ClusterSpec, start_cluster, stop_cluster, submit_job
-from tests.e2e.conftest import free_port, last_json_line, run_job
 from tests.e2e.test_cluster import PIPELINE
+from tests.support import free_port, last_json_line, run_job
 
 
 def time_submitted(repeats: int) -> dict:
@@ -40,8 +40,18 @@ def time_submitted(repeats: int) -> dict:
         for _ in range(repeats):
             with tempfile.TemporaryDirectory() as root:
                 started = time.perf_counter()
-                proc = submit_job(cluster, ["python", "-m", "jobs.pipeline", *PIPELINE, f"serve.host={host}", f"serve.port={port}",
-                                            f"storage.root=file://{root}"])
+                proc = submit_job(
+                    cluster,
+                    [
+                        "python",
+                        "-m",
+                        "jobs.pipeline",
+                        *PIPELINE,
+                        f"serve.host={host}",
+                        f"serve.port={port}",
+                        f"storage.root=file://{root}",
+                    ],
+                )
                 times.append(time.perf_counter() - started)
                 _check(proc)
                 print(f"submitted: {times[-1]:.1f} s", flush=True)
@@ -76,8 +86,11 @@ def main() -> None:
     result = time_submitted(args.repeats)
     result["local_s"] = time_local(args.repeats)
     result["ratio"] = round(statistics.median(result["submitted_s"]) / statistics.median(result["local_s"]), 2)
-    print(f"submitted median {statistics.median(result['submitted_s']):.1f} s, local median {statistics.median(result['local_s']):.1f} s, "
-          f"ratio {result['ratio']} ({result['mode']} mode; cluster start {result['cluster_start_s']} s, not counted)")
+    print(
+        f"submitted median {statistics.median(result['submitted_s']):.1f} s, "
+        f"local median {statistics.median(result['local_s']):.1f} s, "
+        f"ratio {result['ratio']} ({result['mode']} mode; cluster start {result['cluster_start_s']} s, not counted)"
+    )
     print(json.dumps(result))
 
 

@@ -23,15 +23,23 @@ import tempfile
 
 import torch
 
-from orchestrator.config.schema import (
-    OPTIMIZE_METHODS, DistillConfig, ModelConfig, OptimizeConfig, PipelineConfig, PruneConfig, ScalingConfig,
-    StorageConfig, TrackingConfig, to_dict,
+from orchestrator.config import (
+    OPTIMIZE_METHODS,
+    DistillConfig,
+    ModelConfig,
+    OptimizeConfig,
+    PipelineConfig,
+    PruneConfig,
+    ScalingConfig,
+    StorageConfig,
+    TrackingConfig,
+    to_dict,
 )
+from orchestrator.flows import connected
+from orchestrator.optimize.run import needs_ray, run_optimize
+from orchestrator.registry.store import ModelRegistry, signature_for
 from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.training.models import build_model
-from orchestrator.optimize.run import needs_ray, run_optimize
-from orchestrator.flows import connected
-from orchestrator.registry.store import ModelRegistry, signature_for
 
 
 def train_parent(cfg: PipelineConfig, steps: int) -> None:
@@ -47,8 +55,12 @@ def train_parent(cfg: PipelineConfig, steps: int) -> None:
         torch.nn.functional.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
     ModelRegistry(cfg.storage.root).register(
-        cfg.registry.model_name, {k: v.detach().numpy() for k, v in model.state_dict().items()}, metrics={},
-        config=to_dict(cfg), lineage={"data_digest": info.digest}, signature=signature_for(info.input_shape, info.num_classes),
+        cfg.registry.model_name,
+        {k: v.detach().numpy() for k, v in model.state_dict().items()},
+        metrics={},
+        config=to_dict(cfg),
+        lineage={"data_digest": info.digest},
+        signature=signature_for(info.input_shape, info.num_classes),
     )
 
 
@@ -65,11 +77,16 @@ def main() -> None:
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="optimize-latency-")
     cfg = PipelineConfig(
-        model=ModelConfig(name=args.model, hidden=args.hidden), storage=StorageConfig(root=root),
-        tracking=TrackingConfig(enabled=False), scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
+        model=ModelConfig(name=args.model, hidden=args.hidden),
+        storage=StorageConfig(root=root),
+        tracking=TrackingConfig(enabled=False),
+        scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
         optimize=OptimizeConfig(
-            methods=args.methods, tolerance=1.0, latency_repeats=args.repeats,
-            prune=PruneConfig(sparsity=0.5, finetune_epochs=2), distill=DistillConfig(student={"hidden": args.student}, epochs=15),
+            methods=args.methods,
+            tolerance=1.0,
+            latency_repeats=args.repeats,
+            prune=PruneConfig(sparsity=0.5, finetune_epochs=2),
+            distill=DistillConfig(student={"hidden": args.student}, epochs=15),
         ),
     )
     train_parent(cfg, args.steps)
@@ -78,8 +95,12 @@ def main() -> None:
     print(result.report_text)
     parent = result.report[0]
     ratios = {
-        row.name: {"b1": round(row.latency_ms_b1 / parent.latency_ms_b1, 3), "b32": round(row.latency_ms_b32 / parent.latency_ms_b32, 3),
-                   "size": round(row.size_bytes / parent.size_bytes, 3), "drop_points": round(100 * row.accuracy_drop, 2)}
+        row.name: {
+            "b1": round(row.latency_ms_b1 / parent.latency_ms_b1, 3),
+            "b32": round(row.latency_ms_b32 / parent.latency_ms_b32, 3),
+            "size": round(row.size_bytes / parent.size_bytes, 3),
+            "drop_points": round(100 * row.accuracy_drop, 2),
+        }
         for row in result.report[1:]
     }
     print(json.dumps({

@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from orchestrator.config.schema import ParallelConfig, TrainConfig  # noqa: E402
+from orchestrator.config import ParallelConfig, TrainConfig  # noqa: E402
 from orchestrator.training.parallel import PipelineRunner  # noqa: E402
 
 MICROBATCHES = (1, 2, 4, 8)
@@ -74,7 +74,13 @@ def worker(rank: int, port: int, args, results) -> None:
     rows = {}
     for schedule, m in RUNS:
         cfg = ParallelConfig(strategy="pipeline", pipeline_schedule=schedule, microbatches=m)
-        runner = PipelineRunner(model, [{"params": list(model.parameters()), "lr": 0.01}], TrainConfig(optimizer="sgd", lr=0.01), cfg, torch.device("cpu"))
+        runner = PipelineRunner(
+            model,
+            [{"params": list(model.parameters()), "lr": 0.01}],
+            TrainConfig(optimizer="sgd", lr=0.01),
+            cfg,
+            torch.device("cpu"),
+        )
         times = []
         for _ in range(args.steps + 1):
             dist.barrier()
@@ -105,14 +111,23 @@ def main() -> None:
     results = manager.dict()
     mp.spawn(worker, args=(port, args, results), nprocs=2, join=True)
     ranks = results["ranks"]
-    print(f"2-stage pipeline, batch {args.batch}, width {args.width}, {args.depth} layers/stage, gloo on CPU, median of {args.steps} steps")
-    print(f"{'schedule':>8} {'m':>3} {'step ms':>8} {'busy ms (r0/r1)':>16} {'idle measured':>14} {'(p-1)/(m+p-1)':>14} {'ratio':>6}")
+    print(
+        f"2-stage pipeline, batch {args.batch}, width {args.width}, {args.depth} layers/stage, gloo on CPU, "
+        f"median of {args.steps} steps"
+    )
+    print(
+        f"{'schedule':>8} {'m':>3} {'step ms':>8} {'busy ms (r0/r1)':>16} "
+        f"{'idle measured':>14} {'(p-1)/(m+p-1)':>14} {'ratio':>6}"
+    )
     for schedule, m in RUNS:
         steps = [r[(schedule, m)][0] for r in ranks]
         busy = [r[(schedule, m)][1] for r in ranks]
         idle = statistics.fmean(1 - b / s for b, s in zip(busy, steps))
         bound = 1 / (m + 1)
-        print(f"{schedule:>8} {m:>3} {1e3 * max(steps):8.1f} {1e3 * busy[0]:7.1f}/{1e3 * busy[1]:<8.1f} {idle:14.3f} {bound:14.3f} {idle / bound:6.2f}")
+        print(
+            f"{schedule:>8} {m:>3} {1e3 * max(steps):8.1f} {1e3 * busy[0]:7.1f}/{1e3 * busy[1]:<8.1f} "
+            f"{idle:14.3f} {bound:14.3f} {idle / bound:6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,19 +18,21 @@ import argparse
 import json
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import numpy as np
 import torch
 from ray import serve
 
-from orchestrator.config.schema import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, to_dict
-from orchestrator.training.models import build_model
+from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, to_dict
 from orchestrator.flows import connected
-from orchestrator.registry.store import ModelRegistry, signature_for
 from orchestrator.registry.servable import build_servable
-from serve.serving import MODEL_DEPLOYMENT, model_id, run_deploy
-from tests.integration.serving_support import INPUT_SHAPE, MODEL, free_port
+from orchestrator.registry.store import ModelRegistry, signature_for
+from orchestrator.training.models import build_model
+from serve.deploy import run_deploy
+from serve.names import MODEL_DEPLOYMENT, model_id
+from tests.integration.serving_support import INPUT_SHAPE, MODEL
+from tests.support import free_port
 
 HIDDEN = [8192, 6400]
 
@@ -56,7 +58,7 @@ class PerReplicaLoad:
         self._forward = build_servable(version.manifest, arrays)
         self._arrays = arrays
 
-    async def info(self, hold_s: float = 0.0) -> Dict[str, int]:
+    async def info(self, hold_s: float = 0.0) -> Dict[str, Union[int, str]]:
         import asyncio
         import os
 
@@ -71,8 +73,14 @@ def register_big_model(cfg: PipelineConfig) -> float:
         shapes = {k: v.shape for k, v in build_model(cfg.model, INPUT_SHAPE, 10).state_dict().items()}
     rng = np.random.default_rng(0)
     weights = {k: rng.standard_normal(s, dtype=np.float32) * 0.01 for k, s in shapes.items()}
-    ModelRegistry(cfg.storage.root).register(MODEL, weights, metrics={}, config=to_dict(cfg), lineage={"source": "bench"},
-                                             signature=signature_for(INPUT_SHAPE, 10))
+    ModelRegistry(cfg.storage.root).register(
+        MODEL,
+        weights,
+        metrics={},
+        config=to_dict(cfg),
+        lineage={"source": "bench"},
+        signature=signature_for(INPUT_SHAPE, 10),
+    )
     ModelRegistry(cfg.storage.root).set_alias(MODEL, "production", 1)
     return sum(w.nbytes for w in weights.values()) / 2**20
 
@@ -108,17 +116,40 @@ def main() -> None:
     print(f"model: {size_mb:.0f} MB of float32 weights, {args.replicas} replicas per variant", flush=True)
     with connected(cfg):
         run_deploy(cfg)
-        handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=cfg.serve.app_name).options(multiplexed_model_id=model_id(MODEL, 1))
+        handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=cfg.serve.app_name).options(
+            multiplexed_model_id=model_id(MODEL, 1)
+        )
         shared = measure(pids_of(handle, "weights_info", args.replicas))
         serve.delete(cfg.serve.app_name)
-        baseline_handle = serve.run(PerReplicaLoad.options(num_replicas=args.replicas).bind(cfg.storage.root), name="baseline", route_prefix=None)
+        baseline_handle = serve.run(
+            # @serve.deployment returns a Deployment; ray types it as the class it wraps.
+            PerReplicaLoad.options(num_replicas=args.replicas).bind(cfg.storage.root),  # type: ignore[attr-defined]
+            name="baseline",
+            route_prefix=None,
+        )
         own = measure(pids_of(baseline_handle, "info", args.replicas))
         serve.shutdown()
     for name, row in (("object store (shared)", shared), ("per-replica load", own)):
         print(f"{name:<24} USS {row['uss_mb']:7.1f} MB   PSS {row['pss_mb']:7.1f} MB per replica")
-    ratios = {"uss_per_replica_load_over_shared": own["uss_mb"] / shared["uss_mb"], "pss_per_replica_load_over_shared": own["pss_mb"] / shared["pss_mb"]}
-    print(f"per-replica load / shared: USS {ratios['uss_per_replica_load_over_shared']:.2f}x, PSS {ratios['pss_per_replica_load_over_shared']:.2f}x")
-    print(json.dumps({"model_mb": size_mb, "replicas": args.replicas, "shared": shared, "per_replica_load": own, "ratios": ratios}))
+    ratios = {
+        "uss_per_replica_load_over_shared": own["uss_mb"] / shared["uss_mb"],
+        "pss_per_replica_load_over_shared": own["pss_mb"] / shared["pss_mb"],
+    }
+    print(
+        f"per-replica load / shared: USS {ratios['uss_per_replica_load_over_shared']:.2f}x, "
+        f"PSS {ratios['pss_per_replica_load_over_shared']:.2f}x"
+    )
+    print(
+        json.dumps(
+            {
+                "model_mb": size_mb,
+                "replicas": args.replicas,
+                "shared": shared,
+                "per_replica_load": own,
+                "ratios": ratios,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

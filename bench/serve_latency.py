@@ -31,18 +31,20 @@ import numpy as np
 import requests
 import torch
 
-from orchestrator.config.schema import PipelineConfig, ServeConfig, StorageConfig, with_overrides
-from serve.protocol import infer_response, parse_infer_request
-from orchestrator.training.models import build_model
+from orchestrator.config import PipelineConfig, ServeConfig, StorageConfig, to_config
 from orchestrator.flows import connected
-from orchestrator.registry.store import ModelRegistry
 from orchestrator.registry.servable import build_servable
-from serve.serving import MODEL_DEPLOYMENT, run_deploy
-from tests.integration.serving_support import INPUT_SHAPE, MODEL, free_port, infer_body, register
+from orchestrator.registry.store import ModelRegistry
+from orchestrator.training.models import build_model
+from serve.deploy import run_deploy
+from serve.names import MODEL_DEPLOYMENT
+from serve.protocol import infer_response, parse_infer_request
+from tests.integration.serving_support import INPUT_SHAPE, MODEL, register
+from tests.support import free_port, infer_body
 
 BODY = json.dumps(infer_body(np.random.default_rng(0).random((1, 64), dtype=np.float32))).encode()
 
-FASTAPI_APP = textwrap.dedent('''
+FASTAPI_APP = textwrap.dedent("""
     import sys, uvicorn, torch
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -60,11 +62,12 @@ FASTAPI_APP = textwrap.dedent('''
         parsed = parse_infer_request(await request.body(), version.signature["input_shape"], 1024)
         with torch.inference_mode():
             p = torch.softmax(forward(torch.from_numpy(parsed.rows)), dim=1).numpy()
-        body = infer_response(model=name, version=1, request_id=parsed.request_id, result={"probabilities": p, "label": p.argmax(1)})
+        result = {"probabilities": p, "label": p.argmax(1)}
+        body = infer_response(model=name, version=1, request_id=parsed.request_id, result=result)
         return JSONResponse(body, headers={"X-Model-Version": "1"})
 
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")
-''')
+""")
 
 
 def measure(call: Callable[[], None], total: int, concurrency: int) -> Dict[str, float]:
@@ -85,7 +88,11 @@ def measure(call: Callable[[], None], total: int, concurrency: int) -> Dict[str,
         list(pool.map(one, range(total)))
     elapsed = time.perf_counter() - started
     latencies.sort()
-    return {"p50_ms": statistics.median(latencies), "p99_ms": latencies[int(0.99 * (len(latencies) - 1))], "rps": total / elapsed}
+    return {
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[int(0.99 * (len(latencies) - 1))],
+        "rps": total / elapsed,
+    }
 
 
 def http_caller(url: str, key: str | None) -> Callable[[], None]:
@@ -111,7 +118,9 @@ def in_process_caller(cfg: PipelineConfig) -> Callable[[], None]:
         parsed = parse_infer_request(BODY, INPUT_SHAPE, 1024)
         with lock, torch.inference_mode():
             p = torch.softmax(forward(torch.from_numpy(parsed.rows)), dim=1).numpy()
-        json.dumps(infer_response(model=MODEL, version=1, request_id=None, result={"probabilities": p, "label": p.argmax(1)}))
+        json.dumps(
+            infer_response(model=MODEL, version=1, request_id=None, result={"probabilities": p, "label": p.argmax(1)})
+        )
 
     return call
 
@@ -121,8 +130,14 @@ def run_variants(cfg: PipelineConfig, total: int) -> Dict[str, Dict[str, Dict[st
 
     def record(name: str, call: Callable[[], None]) -> None:
         results[name] = {f"c{c}": measure(call, total if c == 1 else total * 4, c) for c in (1, 32)}
-        print(f"{name:<18}" + "".join(f"  c={c}: p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  {r['rps']:7.1f} req/s"
-                                       for c, r in ((1, results[name]["c1"]), (32, results[name]["c32"]))), flush=True)
+        print(
+            f"{name:<18}"
+            + "".join(
+                f"  c={c}: p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  {r['rps']:7.1f} req/s"
+                for c, r in ((1, results[name]["c1"]), (32, results[name]["c32"]))
+            ),
+            flush=True,
+        )
 
     torch.set_num_threads(1)
     record("in-process", in_process_caller(cfg))
@@ -135,8 +150,11 @@ def run_variants(cfg: PipelineConfig, total: int) -> Dict[str, Dict[str, Dict[st
         proc.terminate()
         proc.wait(timeout=30)
     for batching in (True, False):
-        deployed = run_deploy(with_overrides(cfg, {"serve.batching": batching}))
-        record(f"serve {'batched' if batching else 'unbatched'}", http_caller(f"{deployed.endpoint}/infer", deployed.api_key))
+        deployed = run_deploy(to_config(cfg, {"serve.batching": batching}))
+        record(
+            f"serve {'batched' if batching else 'unbatched'}",
+            http_caller(f"{deployed.endpoint}/infer", deployed.api_key),
+        )
     return results
 
 
@@ -154,7 +172,7 @@ def cold_starts(cfg: PipelineConfig, repeats: int) -> List[float]:
     """Seconds from a request to its answer when the model deployment has scaled to zero."""
     from ray import serve
 
-    cfg = with_overrides(cfg, {"serve.min_replicas": 0, "serve.downscale_delay_s": 1.0, "serve.app_name": "coldstart"})
+    cfg = to_config(cfg, {"serve.min_replicas": 0, "serve.downscale_delay_s": 1.0, "serve.app_name": "coldstart"})
     serve.delete("orchestrator")
     deployed = run_deploy(cfg)
     call = http_caller(f"{deployed.endpoint}/infer", deployed.api_key)
@@ -186,7 +204,10 @@ def main() -> None:
     parser.add_argument("--cold-starts", type=int, default=3, help="scale-from-zero measurements")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="serve-bench-")
-    cfg = PipelineConfig(storage=StorageConfig(root=root), serve=ServeConfig(port=free_port(), min_replicas=2, max_replicas=2, block=False))
+    cfg = PipelineConfig(
+        storage=StorageConfig(root=root),
+        serve=ServeConfig(port=free_port(), min_replicas=2, max_replicas=2, block=False),
+    )
     torch.manual_seed(0)
     register(cfg, build_model(cfg.model, INPUT_SHAPE, 10), alias="production")
     load_start = os.getloadavg()[0]

@@ -3,7 +3,8 @@
 Both variants train the default MLP on the digits train split with 2 workers, the same global
 batch size and the same number of optimizer steps, in one process session:
 
-  ray    orchestrator.training.loop.build_trainer (TorchTrainer, rows read once from Ray Data as the training loop does, prepare_model)
+  ray    orchestrator.training.loop.build_trainer (TorchTrainer, rows read once from Ray Data as the
+         training loop does, prepare_model)
   torch  torch.multiprocessing.spawn + gloo + DistributedDataParallel over in-memory arrays
 
 A step is timed from asking for its batch to the end of optimizer.step(), so it includes the data
@@ -28,11 +29,11 @@ from typing import Any, Callable, Dict, Iterable, Tuple
 import torch
 from torch import nn
 
-from orchestrator.config.schema import DataConfig, PipelineConfig, ScalingConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.config import DataConfig, PipelineConfig, ScalingConfig, StorageConfig, TrackingConfig, TrainConfig
 from orchestrator.training.data import DatasetInfo, load_split, prepare_dataset
+from orchestrator.training.loop import worker_rows
 from orchestrator.training.models import build_model
 from orchestrator.training.parallel import make_optimizer
-from orchestrator.training.loop import worker_rows
 
 WORKERS = 2
 
@@ -61,7 +62,12 @@ def timed_training(model: nn.Module, optimizer, epoch_batches: Callable[[int], B
             optimizer.step()
             step_s.append(time.perf_counter() - started)
             first_step_at = first_step_at or time.time()
-    return {"step_s": step_s, "fetch_s": fetch_s, "first_step_at": first_step_at, "loop_s": time.perf_counter() - loop_started}
+    return {
+        "step_s": step_s,
+        "fetch_s": fetch_s,
+        "first_step_at": first_step_at,
+        "loop_s": time.perf_counter() - loop_started,
+    }
 
 
 def _seeded_model(cfg: PipelineConfig, info: DatasetInfo) -> nn.Module:
@@ -113,7 +119,12 @@ def run_ray(cfg: PipelineConfig, info: DatasetInfo) -> Dict[str, Any]:
     timings = trainer.fit().return_value
     if started_ray:
         ray.shutdown()
-    return {**timings, "startup_s": timings["first_step_at"] - fit_called_at, "ray_init_s": ray_init_s, "build_trainer_s": build_s}
+    return {
+        **timings,
+        "startup_s": timings["first_step_at"] - fit_called_at,
+        "ray_init_s": ray_init_s,
+        "build_trainer_s": build_s,
+    }
 
 
 # --- hand-written torch DDP ------------------------------------------------------------------
@@ -182,13 +193,21 @@ def summarize(ray_run: Dict[str, Any], torch_run: Dict[str, Any], warmup: int) -
         return 1000 * stat(run[key][warmup:])
 
     figures = {
-        "ray_step_ms": steady_ms(ray_run, statistics.median), "torch_step_ms": steady_ms(torch_run, statistics.median),
-        "ray_step_mean_ms": steady_ms(ray_run, statistics.fmean), "torch_step_mean_ms": steady_ms(torch_run, statistics.fmean),
-        "ray_fetch_ms": steady_ms(ray_run, statistics.median, "fetch_s"), "torch_fetch_ms": steady_ms(torch_run, statistics.median, "fetch_s"),
-        "ray_loop_s": ray_run["loop_s"], "torch_loop_s": torch_run["loop_s"],
-        "ray_fit_to_first_step_s": ray_run["startup_s"], "torch_spawn_to_first_step_s": torch_run["startup_s"],
-        "ray_init_s": ray_run["ray_init_s"], "ray_build_trainer_s": ray_run["build_trainer_s"],
-        "ray_steps": len(ray_run["step_s"]), "torch_steps": len(torch_run["step_s"]), "warmup_steps": warmup,
+        "ray_step_ms": steady_ms(ray_run, statistics.median),
+        "torch_step_ms": steady_ms(torch_run, statistics.median),
+        "ray_step_mean_ms": steady_ms(ray_run, statistics.fmean),
+        "torch_step_mean_ms": steady_ms(torch_run, statistics.fmean),
+        "ray_fetch_ms": steady_ms(ray_run, statistics.median, "fetch_s"),
+        "torch_fetch_ms": steady_ms(torch_run, statistics.median, "fetch_s"),
+        "ray_loop_s": ray_run["loop_s"],
+        "torch_loop_s": torch_run["loop_s"],
+        "ray_fit_to_first_step_s": ray_run["startup_s"],
+        "torch_spawn_to_first_step_s": torch_run["startup_s"],
+        "ray_init_s": ray_run["ray_init_s"],
+        "ray_build_trainer_s": ray_run["build_trainer_s"],
+        "ray_steps": len(ray_run["step_s"]),
+        "torch_steps": len(torch_run["step_s"]),
+        "warmup_steps": warmup,
     }
     figures["step_ratio"] = figures["ray_step_ms"] / figures["torch_step_ms"]
     figures["fetch_ratio"] = figures["ray_fetch_ms"] / figures["torch_fetch_ms"]

@@ -8,7 +8,7 @@ stops exactly that and nothing else.
 
     python -m cluster.local_cluster start --dir /tmp/orc-demo --workers 2
     python -m cluster.local_cluster status --dir /tmp/orc-demo
-    eval "$(python -m cluster.local_cluster env --dir /tmp/orc-demo)"   # token + dashboard address for `ray job`, `serve`
+    eval "$(python -m cluster.local_cluster env --dir /tmp/orc-demo)"   # token + dashboard for `ray job`, `serve`
     python -m cluster.local_cluster exec --dir /tmp/orc-demo -- python -m jobs.train   # on the head host
     python -m cluster.local_cluster kill-node worker1 --dir /tmp/orc-demo      # SIGKILL the whole node
     python -m cluster.local_cluster restart-node worker1 --dir /tmp/orc-demo
@@ -89,8 +89,14 @@ class ClusterSpec:
         _require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         _require(self.head_cpus >= 0, "head_cpus", f"must be >= 0, got {self.head_cpus}")
         _require(self.worker_cpus >= 1, "worker_cpus", f"must be >= 1, got {self.worker_cpus}")
-        _require(self.object_store_mb >= 80, "object_store_mb", f"must be >= 80 (Ray's minimum), got {self.object_store_mb}")
-        _require(self.base_port == 0 or 1024 < self.base_port < 65000, "base_port", f"must be 0 or in 1025..64999, got {self.base_port}")
+        _require(
+            self.object_store_mb >= 80, "object_store_mb", f"must be >= 80 (Ray's minimum), got {self.object_store_mb}"
+        )
+        _require(
+            self.base_port == 0 or 1024 < self.base_port < 65000,
+            "base_port",
+            f"must be 0 or in 1025..64999, got {self.base_port}",
+        )
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
         _require(self.dead_node_after_s >= 1, "dead_node_after_s", f"must be >= 1, got {self.dead_node_after_s}")
 
@@ -166,7 +172,7 @@ class LocalCluster:
         os.replace(path + ".tmp", path)
 
     @classmethod
-    def load(cls, directory: str) -> Optional["LocalCluster"]:
+    def load(cls, directory: str) -> Optional[LocalCluster]:
         """The cluster recorded in `directory`, or None when there is none."""
         try:
             with open(os.path.join(directory, STATE_FILE)) as f:
@@ -192,9 +198,15 @@ def start_cluster(directory: str, spec: Optional[ClusterSpec] = None) -> LocalCl
     os.makedirs(directory, exist_ok=True)
     mode = spec.mode if spec.mode != "auto" else ("netns" if _netns_works() else "local")
     name = f"orc{secrets.token_hex(3)}"
-    cluster = LocalCluster(dir=directory, name=name, mode=mode, base_port=spec.base_port or _free_port_block(spec.workers + 1),
-                           object_store_mb=spec.object_store_mb, worker_cpus=spec.worker_cpus,
-                           dead_node_after_s=spec.dead_node_after_s)
+    cluster = LocalCluster(
+        dir=directory,
+        name=name,
+        mode=mode,
+        base_port=spec.base_port or _free_port_block(spec.workers + 1),
+        object_store_mb=spec.object_store_mb,
+        worker_cpus=spec.worker_cpus,
+        dead_node_after_s=spec.dead_node_after_s,
+    )
     _write_token(cluster.token_path)
     try:
         if mode == "netns":
@@ -356,10 +368,24 @@ def status(cluster: LocalCluster) -> dict:
     """What `status` prints: mode, addresses and, per node, address, namespace, pids and liveness."""
     alive = {row["name"] for row in _rows_or_none(cluster) if row["state"] == "ALIVE"}
     return {
-        "name": cluster.name, "mode": cluster.mode, "dir": cluster.dir, "gcs_address": cluster.gcs_address,
-        "dashboard_url": cluster.dashboard_url, "token_path": cluster.token_path,
-        "nodes": {name: {"ip": node.ip, "netns": node.netns, "veth": node.veth, "cpus": node.num_cpus, "resource": node.resource,
-                         "processes": len(node_pids(cluster, name)), "alive": name in alive} for name, node in cluster.nodes.items()},
+        "name": cluster.name,
+        "mode": cluster.mode,
+        "dir": cluster.dir,
+        "gcs_address": cluster.gcs_address,
+        "dashboard_url": cluster.dashboard_url,
+        "token_path": cluster.token_path,
+        "nodes": {
+            name: {
+                "ip": node.ip,
+                "netns": node.netns,
+                "veth": node.veth,
+                "cpus": node.num_cpus,
+                "resource": node.resource,
+                "processes": len(node_pids(cluster, name)),
+                "alive": name in alive,
+            }
+            for name, node in cluster.nodes.items()
+        },
     }
 
 
@@ -395,7 +421,7 @@ def _start_node(cluster: LocalCluster, node: Node, timeout: float = 120) -> None
         env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold=str(cluster.dead_node_after_s))
     log = open(os.path.join(cluster.dir, f"{node.name}.log"), "ab")
     with log:
-        process = subprocess.Popen(host_command(cluster, _ray_start_argv(cluster, node), node.name), env=env,
+        process = subprocess.Popen(host_command(cluster, ray_start_argv(cluster, node), node.name), env=env,
                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     node.pid = process.pid
     cluster.save()
@@ -403,7 +429,10 @@ def _start_node(cluster: LocalCluster, node: Node, timeout: float = 120) -> None
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{node.name} exited with {process.returncode}; see {cluster.dir}/{node.name}.log")
-        if any(row["name"] == node.name and row["state"] == "ALIVE" and row["node_id"] not in known for row in _rows_or_none(cluster)):
+        if any(
+            row["name"] == node.name and row["state"] == "ALIVE" and row["node_id"] not in known
+            for row in _rows_or_none(cluster)
+        ):
             return
         time.sleep(0.5)
     raise RuntimeError(f"{node.name} did not join within {timeout:.0f} s; see {cluster.dir}/{node.name}.log")
@@ -421,11 +450,19 @@ def _rows_or_none(cluster: LocalCluster) -> List[Dict[str, str]]:
         return []
 
 
-def _ray_start_argv(cluster: LocalCluster, node: Node) -> List[str]:
+def ray_start_argv(cluster: LocalCluster, node: Node) -> List[str]:
     """`ray start --block ...` for `node`: its own address, ports, resources and temp dir."""
-    argv = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--disable-usage-stats",
-            f"--node-ip-address={node.ip}", f"--num-cpus={node.num_cpus}", f"--resources={json.dumps({node.resource: 1})}",
-            f"--object-store-memory={cluster.object_store_mb * 1024 * 1024}", f"--temp-dir={cluster.dir}/{node.name}"]
+    argv = [
+        os.path.join(os.path.dirname(sys.executable), "ray"),
+        "start",
+        "--block",
+        "--disable-usage-stats",
+        f"--node-ip-address={node.ip}",
+        f"--num-cpus={node.num_cpus}",
+        f"--resources={json.dumps({node.resource: 1})}",
+        f"--object-store-memory={cluster.object_store_mb * 1024 * 1024}",
+        f"--temp-dir={cluster.dir}/{node.name}",
+    ]
     argv += [f"--{flag}={port}" for flag, port in node_ports(cluster, node).items() if not flag.isupper()]
     if node.index == 0:
         # The dashboard (and its Jobs API) binds the head's own address, never 0.0.0.0.
@@ -593,12 +630,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cluster.local_cluster", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in [("start", "start a head and worker nodes"), ("stop", "stop everything the cluster started"),
-                            ("status", "nodes, addresses, liveness"), ("env", "shell exports for clients (token, Jobs API)"),
-                            ("kill-node", "SIGKILL every process of a node (host loss)"), ("restart-node", "start a node again"),
-                            ("add-node", "start one more worker node"), ("exec", "run a command on a node's host, RAY_ADDRESS set")]:
+    for name, help_text in [
+        ("start", "start a head and worker nodes"),
+        ("stop", "stop everything the cluster started"),
+        ("status", "nodes, addresses, liveness"),
+        ("env", "shell exports for clients (token, Jobs API)"),
+        ("kill-node", "SIGKILL every process of a node (host loss)"),
+        ("restart-node", "start a node again"),
+        ("add-node", "start one more worker node"),
+        ("exec", "run a command on a node's host, RAY_ADDRESS set"),
+    ]:
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--dir", default="/tmp/orc-cluster", help="state, token, temp dirs and logs (keep it short)")
+        command.add_argument(
+            "--dir", default="/tmp/orc-cluster", help="state, token, temp dirs and logs (keep it short)"
+        )
         if name == "start":
             defaults = ClusterSpec()
             command.add_argument("--workers", type=int, default=defaults.workers)

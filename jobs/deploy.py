@@ -4,27 +4,25 @@
 `serve deploy` on an existing cluster) and exits without starting Ray.
 """
 
-import hydra
-
-from orchestrator.config.schema import register_configs, to_config
-from orchestrator.flows import connected, print_summary, serve_until_interrupted
-from serve.serving import run_deploy, write_serve_config
-
-register_configs()
+from jobs._entry import Summary, hydra_job
+from orchestrator.config import PipelineConfig
+from serve.config_file import write_serve_config
+from serve.deploy import run_deploy
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(dcfg) -> None:
-    cfg = to_config(dcfg)
-    if cfg.serve.write_config:
-        print_summary({"serve_config": write_serve_config(cfg, cfg.serve.write_config), "ref": cfg.serve.model_version})
-        return
-    with connected(cfg):
-        result = run_deploy(cfg)
-        print_summary({"model": result.model, "version": result.version, "endpoint": result.endpoint, "api_key": result.api_key})
-        if cfg.serve.block:
-            serve_until_interrupted(cfg)
+def deploys(cfg: PipelineConfig) -> bool:
+    """False when the job only writes a Serve config file: then Ray does not start."""
+    return not cfg.serve.write_config
 
+
+def run(cfg: PipelineConfig) -> Summary:
+    if not deploys(cfg):
+        return {"serve_config": write_serve_config(cfg, cfg.serve.write_config), "ref": cfg.serve.model_version}
+    result = run_deploy(cfg)
+    return {"model": result.model, "version": result.version, "endpoint": result.endpoint, "api_key": result.api_key}
+
+
+main = hydra_job(run, needs_ray=deploys, serves=True)
 
 if __name__ == "__main__":
     main()

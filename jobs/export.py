@@ -7,25 +7,19 @@ Writes `raycluster.yaml`, `rayjob.yaml` (running `python -m jobs.<export.job>` w
 and `rayservice.yaml` (its serveConfigV2 is what `python -m jobs.deploy serve.write_config=...` writes).
 """
 
-import json
-
-import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from orchestrator.config.schema import register_configs, to_config
+from jobs._entry import Summary, hydra_job, never
+from orchestrator.config import PipelineConfig
 from orchestrator.kuberay.manifests import write_manifests
 
-register_configs()
 
-
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(dcfg) -> None:
-    cfg = to_config(dcfg)
+def run(cfg: PipelineConfig) -> Summary:
     paths = write_manifests(cfg, list(HydraConfig.get().overrides.task))
-    # One JSON line like every job's summary, printed here: orchestrator.flows.print_summary would load
-    # torch and Ray first, which a raycluster/rayjob export or a refused config need not wait for.
-    print(json.dumps({"manifests": paths, "kind": cfg.export.kind, "job": cfg.export.job}), flush=True)
+    return {"manifests": paths, "kind": cfg.export.kind, "job": cfg.export.job}
 
+
+main = hydra_job(run, needs_ray=never)
 
 if __name__ == "__main__":
     main()

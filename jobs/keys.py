@@ -7,6 +7,7 @@
     python -m jobs.keys list --root s3://bucket/orchestrator   # default: file://./runs
 
 Running deployments notice a change within serve.auth.cache_ttl_s (1 s by default).
+Prints one JSON line per key; exits 1 when revoke finds no such key, 2 on a bad command line.
 """
 
 import argparse
@@ -15,22 +16,23 @@ import json
 import sys
 from typing import List, Optional
 
+from jobs._entry import Option, Tool, root_option
+from orchestrator.config import StorageConfig
 from serve.auth import SCOPES, KeyStore, keys_url
-from orchestrator.config.schema import StorageConfig
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.keys", description="Manage serving API keys.")
-    parser.add_argument("--root", default=StorageConfig().root, help="storage root (storage.root of the deployment)")
-    parser.add_argument("--keys-url", default="", help="key store URL when serve.auth.keys_url is set")
-    commands = parser.add_subparsers(dest="command", required=True)
-    create = commands.add_parser("create", help="create a key and print it (once)")
+    keys_url_option = Option("--keys-url", "", "key store URL, when the deployment sets serve.auth.keys_url",
+                             shown_default="under --root", metavar="URL")
+    tool = Tool("jobs.keys", __doc__, [root_option(), keys_url_option])
+    create = tool.command("create", "create a key and print it (only this once)")
     create.add_argument("name", help="who or what uses the key")
-    create.add_argument("--scope", action="append", choices=SCOPES, dest="scopes", help="repeat for several; default: infer")
-    commands.add_parser("list", help="list keys (never their secrets)")
-    revoke = commands.add_parser("revoke", help="revoke a key by id")
+    create.add_argument("--scope", action="append", choices=SCOPES, dest="scopes",
+                        help="a scope of the key; repeat for several (default: infer)")
+    tool.command("list", "list keys: ids, names, scopes, times; never their secrets")
+    revoke = tool.command("revoke", "revoke a key by id")
     revoke.add_argument("id", help="the key's id (or the key itself)")
-    return parser.parse_args(argv)
+    return tool.parse(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

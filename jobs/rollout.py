@@ -5,31 +5,28 @@
     python -m jobs.rollout promote                    # the candidate becomes production
     python -m jobs.rollout rollback                   # drop the candidate, or return to the previous version
 
-Options: --url (default http://127.0.0.1:8000), --model (default digits), --key (default $ORCHESTRATOR_API_KEY).
-Prints the rollout state as one JSON line; exits 1 when the server refuses.
+Prints the rollout state as one JSON line; exits 1 when the server refuses, 2 on a bad command line.
 """
 
 import argparse
 import json
-import os
 import sys
 from typing import List, Optional
 
-from serve.serving import API_KEY_ENV, http_json
+from jobs._entry import Option, Tool, server_options
+from orchestrator.client import http_json
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.rollout", description="Canary rollout, promotion and rollback.")
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the deployment")
-    parser.add_argument("--model", default="digits", help="registry model name")
-    parser.add_argument("--key", default=os.environ.get(API_KEY_ENV), help=f"admin API key (default ${API_KEY_ENV})")
-    commands = parser.add_subparsers(dest="command", required=True)
-    start = commands.add_parser("start", help="send a share of the traffic to a candidate version")
+    model = Option("--model", "digits", "registry model name")
+    tool = Tool("jobs.rollout", __doc__, [*server_options(scope="admin"), model])
+    start = tool.command("start", "send a share of the model's traffic to a candidate version")
     start.add_argument("version", help="version number or alias")
-    start.add_argument("--percent", type=float, default=10.0, help="share of traffic (0-100)")
-    for name in ("status", "promote", "rollback"):
-        commands.add_parser(name)
-    return parser.parse_args(argv)
+    start.add_argument("--percent", type=float, default=10.0, help="share of the traffic, 0-100 (default: %(default)s)")
+    tool.command("status", "the split, the candidate's requests and errors, the verdict, recent events")
+    tool.command("promote", "the candidate becomes production and takes all the traffic")
+    tool.command("rollback", "drop the candidate, or return production to the previous version")
+    return tool.parse(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -38,7 +35,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "status":
         status, body = http_json("GET", f"{url}/rollout", api_key=args.key)
     elif args.command == "start":
-        status, body = http_json("POST", f"{url}/rollout", {"version": args.version, "percent": args.percent}, api_key=args.key)
+        start = {"version": args.version, "percent": args.percent}
+        status, body = http_json("POST", f"{url}/rollout", start, api_key=args.key)
     else:
         status, body = http_json("POST", f"{url}/{args.command}", {}, api_key=args.key)
     print(json.dumps(body, default=str))

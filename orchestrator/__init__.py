@@ -8,16 +8,16 @@ A driver script needs only this module:
         result = orc.run_pipeline(cfg)
     print(result.summary())
 
-Names are imported on first use, so `import orchestrator.config.schema` stays light (no Ray, no torch).
+Names are imported on first use, so `import orchestrator.config` stays light (no Ray, no torch).
 """
 
 from orchestrator._lazy import lazy_exports
 
 _EXPORTS = {
-    "orchestrator.config.schema": [
+    "orchestrator.config": [
         "CompareConfig", "DataConfig", "ExportConfig", "ModelConfig", "OptimizeConfig", "ParallelConfig", "PhaseConfig",
         "PipelineConfig", "RegistryConfig", "ScalingConfig", "ScheduleConfig", "ServeConfig", "StorageConfig",
-        "TrackingConfig", "TrainConfig", "TuneConfig", "to_config", "with_overrides",
+        "TrackingConfig", "TrainConfig", "TuneConfig", "to_config", "to_dict",
     ],
     "orchestrator.training.compare": ["CompareResult", "run_compare"],
     "orchestrator.training.schedules": ["Phase", "expand_schedule"],
@@ -27,7 +27,9 @@ _EXPORTS = {
     "orchestrator.training.models": ["StagedModel", "build_model"],
     "orchestrator.flows": ["PipelineResult", "connected", "register_run", "register_sweep", "run_pipeline"],
     "orchestrator.registry.store": ["IntegrityError", "ModelRegistry", "ModelVersion", "RegistryError"],
-    "serve.serving": ["DeployResult", "build_app", "check_endpoint", "run_deploy"],
+    "serve.app": ["build_app"],
+    "serve.deploy": ["DeployResult", "run_deploy"],
+    "orchestrator.client": ["check_endpoint"],
     "orchestrator.training.sweep": ["SweepResult", "run_sweep"],
     "orchestrator.training.loop": ["TrainResult", "run_train"],
 }

@@ -10,12 +10,13 @@ from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
-from orchestrator.config.schema import PipelineConfig, to_dict, with_overrides
+from orchestrator.config import PipelineConfig, to_config, to_dict
 from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.optimize.run import OptimizeResult, run_optimize
 from orchestrator.registry.store import ModelRegistry, ModelVersion, signature_for
 from orchestrator.runtime import ensure_ray
-from serve.serving import DeployResult, check_endpoint, run_deploy
+from orchestrator.client import check_endpoint
+from serve.deploy import DeployResult, run_deploy
 from orchestrator.training.sweep import SweepResult, run_sweep
 from orchestrator.training.loop import TrainResult, checkpoint_weights
 
@@ -85,7 +86,7 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
 
 def register_sweep(cfg: PipelineConfig, sweep: SweepResult) -> ModelVersion:
     """Register the best trial of `sweep`, with its sampled values applied to the recorded config."""
-    best_cfg = with_overrides(cfg, sweep.best_overrides)
+    best_cfg = to_config(cfg, sweep.best_overrides)
     return register_run(best_cfg, sweep.best, {"kind": "sweep", "sweep": sweep.name, "trial_id": sweep.best_trial_id})
 
 

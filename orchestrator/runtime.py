@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from orchestrator.config.schema import ScalingConfig
+from orchestrator.config import ScalingConfig
 
 log = logging.getLogger(__name__)
 

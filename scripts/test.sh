@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# README's test command: set up .venv if needed, then run every test tier.
+# README's test command: set up .venv if needed, then run the test tiers, fastest first (unit, integration, e2e).
+#   bash scripts/test.sh                  # everything
+#   bash scripts/test.sh -m "not slow"    # the development loop: unit + quick integration, a few minutes
+#   bash scripts/test.sh -m slow          # the rest: clusters, jobs, long Ray runs and killed processes
+# Other arguments go to pytest as they are (a path, -k, -x, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export WANDB_MODE=offline RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS=0 RAY_USAGE_STATS_ENABLED=0
-exec .venv/bin/python -m pytest -ra --timeout=900 "$@"
+# --durations: every run names its slowest tests, so a suite that grows slower says where.
+exec .venv/bin/python -m pytest -ra --timeout=900 --durations=15 "$@"

@@ -1,4 +1,5 @@
-"""Application builder for Serve config files: `import_path: serve.app:app_builder`.
+"""Building the Serve application: the three deployments bound together (`build_app`), and the
+builder Serve config files name (`import_path: serve.app:app_builder`).
 
     serve run serve/config.yaml                       # from the repository root
     serve deploy serve/config.yaml -a http://127.0.0.1:<dashboard port>
@@ -16,17 +17,60 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict
 
-from ray.serve import Application
+import numpy as np
+import ray
+from ray import serve
 
-from orchestrator.config.schema import PipelineConfig, RegistryConfig, ServeConfig, StorageConfig
-from serve.serving import api_key_for_deploy, build_app
+from orchestrator.config import PipelineConfig, ServeConfig, to_config
+from orchestrator.registry.store import ModelRegistry, ModelVersion
+from serve.auth import api_key_for_deploy, keys_url
+from serve.config_file import NOT_ARGS, REQUIRED_ARGS
+from serve.controller import RolloutController
+from serve.ingress import V2Ingress
+from serve.replica import ModelServer
+from serve.weights import weights_ref
 
-REQUIRED_ARGS = ("storage_root", "model", "ref")
-NOT_ARGS = ("host", "port", "model_version", "write_config", "block", "app_name")
-"""ServeConfig fields a config file sets elsewhere (http_options, the application's name) or that mean nothing here."""
+
+def build_app(cfg: PipelineConfig, ref: str) -> serve.Application:
+    """The Serve application with version `ref` (number, alias or 'latest') of
+    `cfg.registry.model_name` as the stable version; other registry models are served on demand.
+
+    Needs a connected Ray. Raises RegistryError for an unknown model or ref, IntegrityError when
+    the registry files do not match their checksums.
+    """
+    version = ModelRegistry(cfg.storage.root).get(cfg.registry.model_name, ref)
+    return _bind(cfg, version, weights_ref(cfg.storage.root, version))
 
 
-def app_builder(args: Dict[str, Any]) -> Application:
+def _bind(cfg: PipelineConfig, version: ModelVersion, ref: ray.ObjectRef) -> serve.Application:
+    s = cfg.serve
+    controller = RolloutController.options(health_check_period_s=s.health_check_period_s).bind(
+        root=cfg.storage.root, default_ref=s.model_version, model=version.model, version=version.version,
+        weights={"ref": ref}, rollout=s.rollout,
+    )
+    # A replica never batches more requests than it may hold at once: leave room for a full batch.
+    per_replica = max(s.max_batch_size, int(np.ceil(s.target_ongoing_requests)))
+    model_server = ModelServer.options(
+        autoscaling_config={
+            "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests, "downscale_delay_s": s.downscale_delay_s,
+        },
+        max_ongoing_requests=per_replica, max_queued_requests=s.limits.max_pending_requests,
+        ray_actor_options={"num_cpus": s.replica_cpus}, health_check_period_s=s.health_check_period_s,
+    ).bind(
+        controller, batching=s.batching, max_batch_size=s.max_batch_size,
+        batch_wait_timeout_s=s.batch_wait_timeout_s, max_models=s.max_models_per_replica,
+    )
+    # The ingress admits more than its queue limit so that it, not the proxy, answers 503 + Retry-After.
+    ingress = V2Ingress.options(
+        num_replicas=s.ingress_replicas, max_ongoing_requests=s.limits.max_pending_requests + 32,
+        health_check_period_s=s.health_check_period_s,
+    )
+    keys = keys_url(cfg.storage.root, s.auth.keys_url) if s.auth.enabled else None
+    return ingress.bind(model_server, controller, serve_cfg=s, keys=keys, check_model_ready=s.min_replicas > 0)
+
+
+def app_builder(args: Dict[str, Any]) -> serve.Application:
     """Build the app for the registry version named by `args`. Raises ValueError for bad args."""
     cfg = config_from_args(args)
     app = build_app(cfg, str(args["ref"]))
@@ -35,7 +79,9 @@ def app_builder(args: Dict[str, Any]) -> Application:
 
 
 def config_from_args(args: Dict[str, Any]) -> PipelineConfig:
-    """The PipelineConfig that `args` describe (validated like any other config)."""
+    """The PipelineConfig that `args` describe, built the one way every config is built (`to_config`):
+    nested sections such as `auth: {enabled: false}` merge onto their schema. Raises ValueError for a
+    missing argument, an unknown one, or a value the schema refuses."""
     missing = [key for key in REQUIRED_ARGS if key not in args]
     if missing:
         raise ValueError(f"serve app args are missing {missing} (required: {list(REQUIRED_ARGS)})")
@@ -44,8 +90,8 @@ def config_from_args(args: Dict[str, Any]) -> PipelineConfig:
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(f"unknown serve app args {unknown}: allowed are {list(REQUIRED_ARGS)} and {sorted(allowed)}")
-    return PipelineConfig(
-        storage=StorageConfig(root=str(args["storage_root"])),
-        registry=RegistryConfig(model_name=str(args["model"])),
-        serve=ServeConfig(model_version=str(args["ref"]), **overrides),
-    )
+    return to_config({
+        "storage": {"root": str(args["storage_root"])},
+        "registry": {"model_name": str(args["model"])},
+        "serve": {"model_version": str(args["ref"]), **overrides},
+    })

@@ -7,19 +7,28 @@ without the route's scope is 403.
 
 sha256 rather than a slow password hash: secrets are 256 random bits, so there is nothing to
 brute-force, and a check per request must cost microseconds.
+
+`api_key_for_deploy` decides which key a deployment hands its user (and creates the first one).
 """
 
 import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
+import os
 import secrets
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from orchestrator.client import API_KEY_ENV
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.registry import storage
 from serve.protocol import BadRequest
+
+log = logging.getLogger(__name__)
 
 SCOPES = ("infer", "admin")
 KEY_PREFIX = "orc"
@@ -140,6 +149,32 @@ class Authenticator:
             self._entries = self._store.snapshot()
             self._read_at = time.monotonic()
         return self._entries
+
+
+def api_key_for_deploy(cfg: PipelineConfig, *, mint: bool = True) -> Optional[str]:
+    """The key a deployment reports: $ORCHESTRATOR_API_KEY if set; else, at first start (no
+    active key in the store), a new key with every scope, printed once; else, when `mint`, a new
+    'infer' key (the store keeps hashes only, so an older key cannot be handed back). None with
+    auth off, after a warning."""
+    if not cfg.serve.auth.enabled:
+        log.warning("serve.auth.enabled=false: every model and admin route answers without an API key")
+        return None
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    store = KeyStore(keys_url(cfg.storage.root, cfg.serve.auth.keys_url))
+    if not store.has_active_keys():
+        key, record = store.create("default", SCOPES)
+        print(f"Created API key {record.id} with scopes {list(record.scopes)} "
+              f"(shown once, stored hashed in {store.url}):\n"
+              f"    {key}\nSend it as 'Authorization: Bearer <key>'. Manage keys with `python -m jobs.keys`.",
+              file=sys.stderr, flush=True)
+        return key
+    if not mint:
+        return None
+    key, record = store.create(f"deploy:{cfg.serve.app_name}", ["infer"])
+    log.info("created 'infer' API key %s for this deployment (revoke with `python -m jobs.keys revoke %s`)",
+             record.id, record.id)
+    return key
 
 
 def _bearer_token(authorization: Optional[str]) -> str:

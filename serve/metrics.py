@@ -23,15 +23,18 @@ class IngressMetrics:
             tag_keys=("model", "version", "status"),
         )
         self.errors = metrics.Counter(
-            "orchestrator_request_errors", description="Infer requests answered with a 4xx or 5xx, by model, version and HTTP status.",
+            "orchestrator_request_errors",
+            description="Infer requests answered with a 4xx or 5xx, by model, version and HTTP status.",
             tag_keys=("model", "version", "status"),
         )
         self.latency = metrics.Histogram(
-            "orchestrator_request_latency_ms", description="Infer latency inside the ingress (ms), by model and version.",
+            "orchestrator_request_latency_ms",
+            description="Infer latency inside the ingress (ms), by model and version.",
             boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model", "version"),
         )
         self.retries = metrics.Counter(
-            "orchestrator_request_retries", description="Infer requests sent again because their model replica died, by model and version.",
+            "orchestrator_request_retries",
+            description="Infer requests sent again because their model replica died, by model and version.",
             tag_keys=("model", "version"),
         )
 

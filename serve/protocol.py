@@ -1,4 +1,5 @@
-"""The Open Inference Protocol v2 (REST) request and response bodies: parsing and validation.
+"""The Open Inference Protocol v2 (REST) request and response bodies, and the admin rollout body:
+parsing and validation.
 
 Pure: no Ray, no HTTP. Every way a client can get a request wrong is a `BadRequest` carrying a 4xx
 status and a message that names what is wrong, so the ingress never answers a client error with 5xx.
@@ -7,7 +8,7 @@ status and a message that names what is wrong, so the ingress never answers a cl
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -121,7 +122,9 @@ def _row_count(shape: List[int], input_shape: Sequence[int]) -> int:
     if len(shape) >= 2 and shape[1:] in ([features], list(input_shape)):
         return shape[0]
     raise BadRequest(
-        400, f"shape {shape} does not fit this model: send [N, {features}], [N, *{list(input_shape)}] or [{features}] for one row"
+        400,
+        f"shape {shape} does not fit this model: "
+        f"send [N, {features}], [N, *{list(input_shape)}] or [{features}] for one row",
     )
 
 
@@ -142,14 +145,16 @@ def _flat_numbers(data: Any, shape: List[int]) -> list:
 
 def _flatten_nested(data: list, shape: List[int], out: list) -> None:
     if len(data) != shape[0]:
-        raise BadRequest(400, f"nested inputs[0].data must match shape {shape}: found {len(data)} items where {shape[0]} were expected")
+        raise BadRequest(400, f"nested inputs[0].data must match shape {shape}: "
+                              f"found {len(data)} items where {shape[0]} were expected")
     if len(shape) == 1:
         _check_numbers(data)
         out.extend(data)
         return
     for item in data:
         if not isinstance(item, list):
-            raise BadRequest(400, f"nested inputs[0].data must match its shape: found {_json_type(item)} where an array was expected")
+            raise BadRequest(400, "nested inputs[0].data must match its shape: "
+                                  f"found {_json_type(item)} where an array was expected")
         _flatten_nested(item, shape[1:], out)
 
 
@@ -157,7 +162,8 @@ def _check_numbers(values: list) -> None:
     # `type(v) in` rather than isinstance: JSON true/false arrive as bool, a subclass of int.
     for value in values:
         if type(value) not in (int, float):
-            raise BadRequest(400, f"inputs[0].data must hold only numbers, found {_json_type(value)} {json.dumps(value):.40}")
+            found = f"{_json_type(value)} {json.dumps(value):.40}"
+            raise BadRequest(400, f"inputs[0].data must hold only numbers, found {found}")
 
 
 def _as_float32(values: list, allow_non_finite: bool) -> np.ndarray:
@@ -168,7 +174,10 @@ def _as_float32(values: list, allow_non_finite: bool) -> np.ndarray:
         capped = [(math.inf if v > 0 else -math.inf) if type(v) is int and abs(v) >= 2**128 else v for v in values]
         array = np.asarray(capped, dtype=np.float32)
     if not allow_non_finite and not np.isfinite(array).all():
-        raise BadRequest(400, "inputs[0].data must hold finite FP32 numbers (no NaN, Infinity or values beyond 3.4e38); serve.limits.allow_non_finite=true accepts them")
+        raise BadRequest(
+            400, "inputs[0].data must hold finite FP32 numbers (no NaN, Infinity or values beyond 3.4e38); "
+                 "serve.limits.allow_non_finite=true accepts them",
+        )
     return array
 
 
@@ -179,14 +188,35 @@ def _request_id(payload: Dict[str, Any]) -> Optional[str]:
     return request_id
 
 
-def infer_response(*, model: str, version: int, request_id: Optional[str], result: Dict[str, np.ndarray]) -> Dict[str, Any]:
+def infer_response(
+    *, model: str, version: int, request_id: Optional[str], result: Dict[str, np.ndarray],
+) -> Dict[str, Any]:
     """The v2 infer response body for `result` = {"probabilities": [N, C], "label": [N]}."""
     probabilities, labels = result["probabilities"], result["label"]
     body: Dict[str, Any] = {"model_name": model, "model_version": str(version)}
     if request_id is not None:
         body["id"] = request_id
     body["outputs"] = [
-        {"name": "probabilities", "shape": list(probabilities.shape), "datatype": "FP32", "data": probabilities.ravel().tolist()},
+        {"name": "probabilities", "shape": list(probabilities.shape), "datatype": "FP32",
+         "data": probabilities.ravel().tolist()},
         {"name": "label", "shape": [len(labels)], "datatype": "INT64", "data": labels.tolist()},
     ]
     return body
+
+
+def parse_rollout_body(raw: bytes) -> Tuple[str, float]:
+    """(version ref, percent) of a rollout request body {"version": "3" | 3 | "alias", "percent": 10}.
+
+    Raises BadRequest (400) naming what is wrong."""
+    try:
+        body = json.loads(raw)
+    except ValueError as err:
+        raise BadRequest(400, f"body is not valid JSON: {err}") from None
+    if not isinstance(body, dict) or "version" not in body:
+        raise BadRequest(400, 'body must be {"version": <number or alias>, "percent": <0-100>}')
+    version, percent = body["version"], body.get("percent", 10)
+    if type(version) not in (int, str) or str(version) == "":
+        raise BadRequest(400, f"'version' must be a version number or an alias, got {version!r:.40}")
+    if type(percent) not in (int, float) or not 0 <= percent <= 100:
+        raise BadRequest(400, f"'percent' must be a number in [0, 100], got {percent!r:.40}")
+    return str(version), float(percent)

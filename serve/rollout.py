@@ -1,7 +1,7 @@
 """Rollout state of served models: a stable version, an optional canary candidate with a traffic
 share, promotion, rollback, and the policy that rolls a failing candidate back by itself.
 
-Pure (no Ray): the `RolloutController` deployment in serve.serving owns one `RouteTable`
+Pure (no Ray): the `RolloutController` deployment in serve.controller owns one `RouteTable`
 and calls it once per admin action or per batch of outcomes reported by the ingress replicas.
 """
 
@@ -43,10 +43,12 @@ class RollbackPolicy:
         errors = sum(1 for ok, _ in outcomes if not ok)
         error_rate = errors / len(outcomes)
         if error_rate > self.cfg.max_error_rate:
-            return Verdict(Decision.ROLLBACK, f"error rate {error_rate:.3f} over {len(outcomes)} requests > {self.cfg.max_error_rate}")
+            return Verdict(Decision.ROLLBACK,
+                           f"error rate {error_rate:.3f} over {len(outcomes)} requests > {self.cfg.max_error_rate}")
         p99 = percentile([latency for _, latency in outcomes], 99)
         if p99 > self.cfg.max_p99_ms:
-            return Verdict(Decision.ROLLBACK, f"p99 latency {p99:.1f} ms over {len(outcomes)} requests > {self.cfg.max_p99_ms} ms")
+            return Verdict(Decision.ROLLBACK,
+                           f"p99 latency {p99:.1f} ms over {len(outcomes)} requests > {self.cfg.max_p99_ms} ms")
         return Verdict(Decision.KEEP, f"error rate {error_rate:.3f}, p99 {p99:.1f} ms over {len(outcomes)} requests")
 
 

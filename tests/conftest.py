@@ -1,17 +1,38 @@
-"""Fixtures shared by every test tier. Nothing here starts or imports Ray."""
+"""Fixtures shared by every test tier, and the order the tiers run in. Nothing here starts or imports Ray.
+
+Tiers run fastest first: tests/unit (no Ray, seconds), then tests/integration (one local Ray for the
+whole tier), then tests/e2e (jobs in their own processes). Markers say what a test costs:
+`slow` starts clusters, runs jobs or long Ray runs; `faults` kills processes; `gpu` needs CUDA.
+`pytest -m "not slow"` is the development loop (README: Testing).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, List, Sequence
 
 import pytest
 from omegaconf import DictConfig
 
-from tests.s3_server import S3Server, running_s3_server
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """Run the tiers in TIERS order and, inside a tier, the files with no slow test first.
+
+    A file's tests stay together and in their collected order (a stable sort on a per-file key), so
+    module-scoped fixtures are set up once. Integration's Ray lives in this process for that tier
+    only; e2e jobs start Ray in their own processes: keeping the tiers apart keeps the two from
+    ever running side by side."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (_tier(item), item.path in slow_files))
+
+
+def _tier(item: pytest.Item) -> int:
+    parts = item.path.relative_to(REPO / "tests").parts
+    return TIERS.index(parts[0]) if len(parts) > 1 and parts[0] in TIERS else len(TIERS)
 
 
 @pytest.fixture
@@ -20,7 +41,7 @@ def compose() -> Callable[[Sequence[str]], DictConfig]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from orchestrator.config.schema import register_configs
+    from orchestrator.config import register_configs
 
     register_configs()  # conf/config.yaml extends the schema stored here
 
@@ -29,14 +50,3 @@ def compose() -> Callable[[Sequence[str]], DictConfig]:
             return hydra_compose("config", overrides=list(overrides))
 
     return _compose
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A real S3-compatible server (moto) on loopback with one bucket, for the whole session.
-
-    Its AWS_* variables are in os.environ from the first use on: they reach this process, job
-    subprocesses and a Ray started afterwards (integration's `ray_cluster` depends on this fixture).
-    """
-    with running_s3_server() as server:
-        yield server

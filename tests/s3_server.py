@@ -1,8 +1,8 @@
 """A real S3-compatible server on loopback (moto's server mode) and the environment that points at it.
 
 The server runs in its own process, so the test process, every Ray worker and every job subprocess
-talk to it over HTTP exactly as they would to S3. The `s3_server` fixture (tests/conftest.py)
-starts it once per session.
+talk to it over HTTP exactly as they would to S3. The `s3_server` fixture (tests/integration/conftest.py)
+starts it once for the integration tier.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.e2e.conftest import free_port
+from tests.support import free_port
 
 BUCKET = "orchestrator-tests"
 

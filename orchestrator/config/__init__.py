@@ -1,0 +1,66 @@
+"""Typed configuration of every job: the schema, the one way to build it, and the checks.
+
+    from orchestrator.config import PipelineConfig, to_config
+    cfg = to_config(dcfg)                       # a composed Hydra DictConfig (jobs/)
+    cfg = to_config(manifest["config"])         # a stored plain dict
+    cfg = to_config(cfg, {"train.lr": 0.01})    # dotted overrides on a config
+
+Importing this package loads neither torch nor Ray (tests/unit/test_config.py checks it).
+"""
+
+from orchestrator.config.build import register_configs, to_config, to_dict
+from orchestrator.config.schema import (
+    EXPORT_KINDS,
+    HEAD,
+    OPTIMIZE_METHODS,
+    AuthConfig,
+    BuiltinModel,
+    Choice,
+    CompareConfig,
+    DataConfig,
+    DistBackend,
+    DistillConfig,
+    ExportConfig,
+    ExportJob,
+    ExportKind,
+    LimitsConfig,
+    MetricMode,
+    ModelConfig,
+    OptimizeConfig,
+    OptimizeMethod,
+    Optimizer,
+    ParallelConfig,
+    ParallelStrategy,
+    PhaseConfig,
+    PipelineConfig,
+    PipelineSchedule,
+    PruneConfig,
+    QuantBackend,
+    QuantizeConfig,
+    RegistryConfig,
+    RolloutConfig,
+    ScalingConfig,
+    ScheduleConfig,
+    ScheduleKind,
+    ServeConfig,
+    StorageConfig,
+    TrackingConfig,
+    TrackingMode,
+    TrainConfig,
+    TuneConfig,
+    TuneScheduler,
+    iter_search_space,
+)
+from orchestrator.config.validation import builtin_stage_names, check_schedule, phase_count, validate
+
+__all__ = [
+    "EXPORT_KINDS", "HEAD", "OPTIMIZE_METHODS",
+    "AuthConfig", "CompareConfig", "DataConfig", "DistillConfig", "ExportConfig", "LimitsConfig", "ModelConfig",
+    "OptimizeConfig", "ParallelConfig", "PhaseConfig", "PipelineConfig", "PruneConfig", "QuantizeConfig",
+    "RegistryConfig", "RolloutConfig", "ScalingConfig", "ScheduleConfig", "ServeConfig", "StorageConfig",
+    "TrackingConfig", "TrainConfig", "TuneConfig",
+    "BuiltinModel", "Choice", "DistBackend", "ExportJob", "ExportKind", "MetricMode", "OptimizeMethod", "Optimizer",
+    "ParallelStrategy", "PipelineSchedule", "QuantBackend", "ScheduleKind", "TrackingMode", "TuneScheduler",
+    "builtin_stage_names", "check_schedule", "iter_search_space", "phase_count", "register_configs", "to_config",
+    "to_dict", "validate",
+]

@@ -1,10 +1,10 @@
 """Typed configuration: one keyword-only dataclass per concern.
 
-The dataclasses are the schema. They are registered in Hydra's ConfigStore
-(`register_configs`) so `conf/` YAML can only select and override; a key that
-does not exist or a value of the wrong type fails when Hydra composes, and a
-value out of range fails in `__post_init__` when `to_config` builds the typed
-object, both before Ray starts.
+The dataclasses are the schema. `orchestrator.config.build` registers them in Hydra's ConfigStore, so
+`conf/` YAML can only select and override: a key that does not exist, a value of the wrong type or a
+choice that is not offered fails when Hydra composes (choice fields are enums). A value out of range
+fails in its dataclass's `__post_init__`, and checks that relate two sections live in
+`orchestrator.config.validation`; `to_config` runs both, before Ray starts.
 """
 
 from __future__ import annotations
@@ -13,19 +13,106 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from enum import Enum
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
 
+HEAD = "head"
+"""Name of the model's own head in a phase's `trainable` and `output`."""
 SAMPLERS = ("uniform", "loguniform", "choice", "randint", "grid")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-BUILTIN_MODELS = ("mlp", "cnn")
-PARALLEL_STRATEGIES = ("ddp", "fsdp", "pipeline")
-PIPELINE_SCHEDULES = ("gpipe", "1f1b")
-SCHEDULE_KINDS = ("end_to_end", "layerwise", "gradual_unfreeze", "custom")
-TUNE_SCHEDULERS = ("asha", "fifo")
-OPTIMIZE_METHODS = ("int8_dynamic", "int8_static", "prune_unstructured", "prune_structured", "distill")
-QUANT_BACKENDS = ("x86", "fbgemm", "qnnpack")
-EXPORT_KINDS = ("raycluster", "rayjob", "rayservice")
-EXPORT_JOBS = ("train", "sweep", "pipeline")
+
+
+class Choice(str, Enum):
+    """Values of a choice field. OmegaConf turns the string a user types into the member of that *name*, so
+    each member's name is its value; being a str, a member compares, hashes, prints and serializes as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:  # Python 3.12 formats mixed-in enums through Enum.__format__
+        return format(self.value, spec)
+
+
+class BuiltinModel(Choice):
+    mlp = "mlp"
+    cnn = "cnn"
+
+
+class ParallelStrategy(Choice):
+    ddp = "ddp"
+    fsdp = "fsdp"
+    pipeline = "pipeline"
+
+
+class DistBackend(Choice):
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+# '1f1b' is no Python identifier, and members must be named as users type them: the functional form.
+PipelineSchedule = Choice("PipelineSchedule", [("gpipe", "gpipe"), ("1f1b", "1f1b")])  # type: ignore[call-overload]
+
+
+class ScheduleKind(Choice):
+    end_to_end = "end_to_end"
+    layerwise = "layerwise"
+    gradual_unfreeze = "gradual_unfreeze"
+    custom = "custom"
+
+
+class Optimizer(Choice):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class TuneScheduler(Choice):
+    asha = "asha"
+    fifo = "fifo"
+
+
+class MetricMode(Choice):
+    max = "max"
+    min = "min"
+
+
+class TrackingMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class QuantBackend(Choice):
+    x86 = "x86"
+    fbgemm = "fbgemm"
+    qnnpack = "qnnpack"
+
+
+class OptimizeMethod(Choice):
+    int8_dynamic = "int8_dynamic"
+    int8_static = "int8_static"
+    prune_unstructured = "prune_unstructured"
+    prune_structured = "prune_structured"
+    distill = "distill"
+
+
+class ExportKind(Choice):
+    all = "all"
+    raycluster = "raycluster"
+    rayjob = "rayjob"
+    rayservice = "rayservice"
+
+
+class ExportJob(Choice):
+    train = "train"
+    sweep = "sweep"
+    pipeline = "pipeline"
+
+
+OPTIMIZE_METHODS: Tuple[str, ...] = tuple(m.value for m in OptimizeMethod)
+EXPORT_KINDS: Tuple[str, ...] = tuple(k.value for k in ExportKind if k is not ExportKind.all)
+"""The manifests `export.kind=all` writes."""
+
+C = TypeVar("C", bound=Choice)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -33,8 +120,12 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"{name} {message}")
 
 
-def _one_of(value: Any, name: str, allowed: tuple) -> None:
-    _require(value in allowed, name, f"must be one of {list(allowed)}, got {value!r}")
+def _choice(value: Any, name: str, kind: Type[C]) -> C:
+    """`value` as a member of `kind`: configs built in Python may pass the plain string."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[m.value for m in kind]}, got {value!r}") from None
 
 
 @dataclass(kw_only=True)
@@ -71,7 +162,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = "mlp"
+    name: BuiltinModel = BuiltinModel.mlp
     """Built-in architecture: 'mlp' or 'cnn'. Ignored when `_target_` is set."""
     _target_: Optional[str] = None
     """Import path of a user model (a torch.nn.Sequential-like class or factory); called with `kwargs`
@@ -86,32 +177,34 @@ class ModelConfig:
     """Extra keyword arguments for a `_target_` model."""
 
     def __post_init__(self) -> None:
-        if self._target_ is None:
-            _one_of(self.name, "model.name", BUILTIN_MODELS)
-        else:
-            _require("." in self._target_, "model._target_", f"must be an import path like 'pkg.module.Class', got {self._target_!r}")
-        _require(len(self.hidden) >= 1 and all(h > 0 for h in self.hidden), "model.hidden", f"must be positive widths, got {self.hidden}")
-        _require(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "model.channels", f"must be positive, got {self.channels}")
+        self.name = _choice(self.name, "model.name", BuiltinModel)
+        if self._target_ is not None:
+            _require("." in self._target_, "model._target_",
+                     f"must be an import path like 'pkg.module.Class', got {self._target_!r}")
+        _require(len(self.hidden) >= 1 and all(h > 0 for h in self.hidden), "model.hidden",
+                 f"must be positive widths, got {self.hidden}")
+        _require(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "model.channels",
+                 f"must be positive, got {self.channels}")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    strategy: str = "ddp"
+    strategy: ParallelStrategy = ParallelStrategy.ddp
     """How workers split a training run: 'ddp' (replicated model, gradients all-reduced), 'fsdp'
     (FSDP2 fully_shard: parameters, gradients and optimizer state sharded across workers) or
     'pipeline' (the trainable stages split across workers, micro-batched with torch.distributed.pipelining)."""
-    backend: str = "gloo"
+    backend: DistBackend = DistBackend.gloo
     """torch.distributed backend: 'gloo' (CPU) or 'nccl' (GPU)."""
-    pipeline_schedule: str = "1f1b"
+    pipeline_schedule: PipelineSchedule = PipelineSchedule("1f1b")  # type: ignore[valid-type]
     """pipeline: 'gpipe' (all forwards, then all backwards) or '1f1b' (interleaved, less activation memory)."""
     microbatches: int = 4
     """pipeline: micro-batches per batch; the batch size must be divisible by it."""
 
     def __post_init__(self) -> None:
-        _one_of(self.strategy, "parallel.strategy", PARALLEL_STRATEGIES)
-        _one_of(self.backend, "parallel.backend", ("gloo", "nccl"))
-        _one_of(self.pipeline_schedule, "parallel.pipeline_schedule", PIPELINE_SCHEDULES)
+        self.strategy = _choice(self.strategy, "parallel.strategy", ParallelStrategy)
+        self.backend = _choice(self.backend, "parallel.backend", DistBackend)
+        self.pipeline_schedule = _choice(self.pipeline_schedule, "parallel.pipeline_schedule", PipelineSchedule)
         _require(self.microbatches >= 1, "parallel.microbatches", f"must be >= 1, got {self.microbatches}")
 
 
@@ -128,18 +221,19 @@ class PhaseConfig:
     stage_lr_scale: Dict[str, float] = field(default_factory=dict)
     """Extra multiplier per trainable stage name (e.g. {block0: 0.1})."""
     output: str = "head"
-    """'head' (the model's head) or a stage name: train through that stage and a fresh auxiliary head on it."""
+    """HEAD ('head', the model's head) or a stage name: train through that stage and a fresh auxiliary head on it."""
 
     def __post_init__(self) -> None:
         _require(len(self.trainable) >= 1, "schedule.phases.trainable", "must name at least one stage, 'head' or '*'")
         _require(self.epochs >= 1, "schedule.phases.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.lr_scale > 0, "schedule.phases.lr_scale", f"must be > 0, got {self.lr_scale}")
-        _require(all(v > 0 for v in self.stage_lr_scale.values()), "schedule.phases.stage_lr_scale", "values must be > 0")
+        _require(all(v > 0 for v in self.stage_lr_scale.values()), "schedule.phases.stage_lr_scale",
+                 "values must be > 0")
 
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    kind: str = "end_to_end"
+    kind: ScheduleKind = ScheduleKind.end_to_end
     """'end_to_end' (one phase, everything trainable), 'layerwise' (greedy: phase k trains stage k with an
     auxiliary head, the stages below frozen; then an optional joint fine-tune), 'gradual_unfreeze' (the head on
     a frozen body, then stages unfrozen from the top down) or 'custom' (`phases` as written)."""
@@ -159,27 +253,28 @@ class ScheduleConfig:
     """kind=custom: the phases, in order."""
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, "schedule.kind", SCHEDULE_KINDS)
-        _require(all(e >= 1 for e in self.phase_epochs), "schedule.phase_epochs", f"must all be >= 1, got {self.phase_epochs}")
+        self.kind = _choice(self.kind, "schedule.kind", ScheduleKind)
+        _require(all(e >= 1 for e in self.phase_epochs), "schedule.phase_epochs",
+                 f"must all be >= 1, got {self.phase_epochs}")
         _require(self.finetune_lr_scale > 0, "schedule.finetune_lr_scale", f"must be > 0, got {self.finetune_lr_scale}")
         _require(0 < self.lr_decay <= 1, "schedule.lr_decay", f"must be in (0, 1], got {self.lr_decay}")
-        _require((self.kind == "custom") == bool(self.phases), "schedule.phases", "must be given exactly when schedule.kind=custom")
-        self.phases = [PhaseConfig(**p) if isinstance(p, dict) else p for p in self.phases]
+        _require((self.kind == ScheduleKind.custom) == bool(self.phases), "schedule.phases",
+                 "must be given exactly when schedule.kind=custom")
 
 
 @dataclass(kw_only=True)
 class CompareConfig:
     """jobs.compare: schedules raced on the same data and epoch budget."""
 
-    schedules: List[str] = field(default_factory=lambda: ["end_to_end", "layerwise", "gradual_unfreeze"])
+    schedules: List[ScheduleKind] = field(
+        default_factory=lambda: [ScheduleKind.end_to_end, ScheduleKind.layerwise, ScheduleKind.gradual_unfreeze])
     """Schedule kinds to compare; the configured `schedule` supplies the settings of its own kind."""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     """train.seed of each repetition (weights and data order; the split stays fixed)."""
 
     def __post_init__(self) -> None:
         _require(len(self.schedules) >= 1, "compare.schedules", "must name at least one schedule")
-        for kind in self.schedules:
-            _one_of(kind, "compare.schedules", SCHEDULE_KINDS)
+        self.schedules = [_choice(kind, "compare.schedules", ScheduleKind) for kind in self.schedules]
         _require(len(self.seeds) >= 1, "compare.seeds", "must list at least one seed")
 
 
@@ -211,7 +306,7 @@ class TrainConfig:
     """Global batch size, split evenly across workers."""
     lr: float = 0.003
     """Learning rate."""
-    optimizer: str = "adam"
+    optimizer: Optimizer = Optimizer.adam
     """'adam', 'adamw' or 'sgd' (momentum 0.9)."""
     weight_decay: float = 0.0
     """L2 penalty."""
@@ -226,7 +321,7 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _one_of(self.optimizer, "train.optimizer", OPTIMIZERS)
+        self.optimizer = _choice(self.optimizer, "train.optimizer", Optimizer)
         _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
         _require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
@@ -238,11 +333,11 @@ class TuneConfig:
     """Trials sampled from the search space (each grid point is repeated this many times)."""
     max_concurrent_trials: int = 4
     """Trials running at once."""
-    scheduler: str = "asha"
+    scheduler: TuneScheduler = TuneScheduler.asha
     """'asha' (stops weak trials early) or 'fifo' (runs every trial to the end)."""
     metric: str = "val_accuracy"
     """Metric that ranks trials."""
-    mode: str = "max"
+    mode: MetricMode = MetricMode.max
     """'max' or 'min'."""
     grace_period: int = 2
     """ASHA: epochs before a trial may be stopped."""
@@ -266,20 +361,22 @@ class TuneConfig:
     def __post_init__(self) -> None:
         _require(self.num_samples >= 1, "tune.num_samples", f"must be >= 1, got {self.num_samples}")
         _require(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be >= 1")
-        _one_of(self.scheduler, "tune.scheduler", TUNE_SCHEDULERS)
-        _one_of(self.mode, "tune.mode", ("max", "min"))
+        self.scheduler = _choice(self.scheduler, "tune.scheduler", TuneScheduler)
+        self.mode = _choice(self.mode, "tune.mode", MetricMode)
         _require(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
         _require(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
         _require(self.trial_cpus > 0, "tune.trial_cpus", "must be > 0 (Ray rejects 0-CPU trials)")
         _require(self.max_failures >= 0, "tune.max_failures", f"must be >= 0, got {self.max_failures}")
         for path, spec in iter_search_space(self.search_space):
             name = f"tune.search_space.{path}"
-            _require(_is_sampler(spec), name, f"must be [sampler, *args] with sampler in {list(SAMPLERS)}, got {spec!r}")
+            _require(_is_sampler(spec), name,
+                     f"must be [sampler, *args] with sampler in {list(SAMPLERS)}, got {spec!r}")
             sampler, args = spec[0], list(spec[1:])
             if sampler in ("uniform", "loguniform", "randint"):
                 # Check the types first: comparing a string bound would raise a TypeError naming no field.
                 numeric = len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-                _require(numeric and args[0] < args[1], name, f"needs numbers [low, high] with low < high, got {args!r}")
+                _require(numeric and args[0] < args[1], name,
+                         f"needs numbers [low, high] with low < high, got {args!r}")
                 _require(sampler != "loguniform" or args[0] > 0, name, f"loguniform needs low > 0, got {args!r}")
             else:
                 _require(isinstance(args, list) and len(args) >= 1, name, f"needs a non-empty list, got {args!r}")
@@ -314,9 +411,12 @@ class LimitsConfig:
     """Accept NaN and +-Infinity in infer data (JSON NaN/Infinity tokens, or values beyond FP32)."""
 
     def __post_init__(self) -> None:
-        _require(self.max_body_bytes >= 1024, "serve.limits.max_body_bytes", f"must be >= 1024, got {self.max_body_bytes}")
-        _require(self.request_timeout_s > 0, "serve.limits.request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
-        _require(self.max_pending_requests >= 1, "serve.limits.max_pending_requests", f"must be >= 1, got {self.max_pending_requests}")
+        _require(self.max_body_bytes >= 1024, "serve.limits.max_body_bytes",
+                 f"must be >= 1024, got {self.max_body_bytes}")
+        _require(self.request_timeout_s > 0, "serve.limits.request_timeout_s",
+                 f"must be > 0, got {self.request_timeout_s}")
+        _require(self.max_pending_requests >= 1, "serve.limits.max_pending_requests",
+                 f"must be >= 1, got {self.max_pending_requests}")
         _require(self.retry_after_s >= 1, "serve.limits.retry_after_s", f"must be >= 1, got {self.retry_after_s}")
 
 
@@ -336,7 +436,8 @@ class RolloutConfig:
     """How often each ingress replica reports outcomes and fetches the routing table."""
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.max_error_rate <= 1.0, "serve.rollout.max_error_rate", f"must be in [0, 1], got {self.max_error_rate}")
+        _require(0.0 <= self.max_error_rate <= 1.0, "serve.rollout.max_error_rate",
+                 f"must be in [0, 1], got {self.max_error_rate}")
         _require(self.max_p99_ms > 0, "serve.rollout.max_p99_ms", f"must be > 0, got {self.max_p99_ms}")
         _require(self.min_requests >= 1, "serve.rollout.min_requests", f"must be >= 1, got {self.min_requests}")
         _require(self.window_s > 0, "serve.rollout.window_s", f"must be > 0, got {self.window_s}")
@@ -394,19 +495,17 @@ class ServeConfig:
     """Keep serving after the pipeline finishes (False: exit right after the endpoint check)."""
 
     def __post_init__(self) -> None:
-        # A manifest's recorded config comes back as plain dicts (from_dict): rebuild the sections.
-        for name, cls in (("auth", AuthConfig), ("limits", LimitsConfig), ("rollout", RolloutConfig)):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, cls(**getattr(self, name)))
         _require(1 <= self.port <= 65535, "serve.port", f"must be a TCP port, got {self.port}")
         _require(bool(self.model_version), "serve.model_version", "must not be empty")
         _require(self.min_replicas >= 0, "serve.min_replicas", f"must be >= 0, got {self.min_replicas}")
-        _require(self.max_replicas >= max(1, self.min_replicas), "serve.max_replicas", f"must be >= 1 and >= serve.min_replicas ({self.min_replicas}), got {self.max_replicas}")
+        _require(self.max_replicas >= max(1, self.min_replicas), "serve.max_replicas",
+                 f"must be >= 1 and >= serve.min_replicas ({self.min_replicas}), got {self.max_replicas}")
         _require(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
         _require(self.downscale_delay_s >= 0, "serve.downscale_delay_s", "must be >= 0")
         _require(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
         _require(self.ingress_replicas >= 1, "serve.ingress_replicas", f"must be >= 1, got {self.ingress_replicas}")
-        _require(self.health_check_period_s > 0, "serve.health_check_period_s", f"must be > 0, got {self.health_check_period_s}")
+        _require(self.health_check_period_s > 0, "serve.health_check_period_s",
+                 f"must be > 0, got {self.health_check_period_s}")
         _require(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
         _require(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
         _require(self.max_models_per_replica >= 1, "serve.max_models_per_replica", "must be >= 1")
@@ -433,13 +532,13 @@ class TrackingConfig:
     """Log each trial (rank 0 only) to Weights & Biases."""
     project: str = "orchestrator"
     """wandb project."""
-    mode: str = "offline"
+    mode: TrackingMode = TrackingMode.offline
     """wandb mode: 'offline' (sync later with `wandb sync`), 'online' or 'disabled'."""
     dir: Optional[str] = None
     """Local directory for wandb files; default <storage root>/wandb for a local root, else ./wandb."""
 
     def __post_init__(self) -> None:
-        _one_of(self.mode, "tracking.mode", ("offline", "online", "disabled"))
+        self.mode = _choice(self.mode, "tracking.mode", TrackingMode)
 
 
 @dataclass(kw_only=True)
@@ -450,22 +549,26 @@ class RegistryConfig:
     """Alias pointed at each new version; empty leaves aliases alone."""
 
     def __post_init__(self) -> None:
-        _require(_is_identifier(self.model_name), "registry.model_name", f"must be letters, digits, '-', '_' or '.', got {self.model_name!r}")
-        _require(self.promote_alias == "" or _is_identifier(self.promote_alias), "registry.promote_alias", f"invalid alias {self.promote_alias!r}")
-        _require(not self.promote_alias.isdigit(), "registry.promote_alias", "must not be a number (numbers are versions)")
+        _require(_is_identifier(self.model_name), "registry.model_name",
+                 f"must be letters, digits, '-', '_' or '.', got {self.model_name!r}")
+        _require(self.promote_alias == "" or _is_identifier(self.promote_alias), "registry.promote_alias",
+                 f"invalid alias {self.promote_alias!r}")
+        _require(not self.promote_alias.isdigit(), "registry.promote_alias",
+                 "must not be a number (numbers are versions)")
 
 
 @dataclass(kw_only=True)
 class QuantizeConfig:
-    backend: str = "x86"
+    backend: QuantBackend = QuantBackend.x86
     """torch quantized engine of the int8 kernels: 'x86' or 'fbgemm' (x86 CPUs), 'qnnpack' (ARM).
     Recorded in the variant; the serving machine must support the same engine."""
     calibration_rows: int = 512
     """int8_static: training rows run through the model to calibrate activation ranges."""
 
     def __post_init__(self) -> None:
-        _one_of(self.backend, "optimize.quantize.backend", QUANT_BACKENDS)
-        _require(self.calibration_rows >= 1, "optimize.quantize.calibration_rows", f"must be >= 1, got {self.calibration_rows}")
+        self.backend = _choice(self.backend, "optimize.quantize.backend", QuantBackend)
+        _require(self.calibration_rows >= 1, "optimize.quantize.calibration_rows",
+                 f"must be >= 1, got {self.calibration_rows}")
 
 
 @dataclass(kw_only=True)
@@ -480,7 +583,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         _require(0.0 < self.sparsity < 1.0, "optimize.prune.sparsity", f"must be in (0, 1), got {self.sparsity}")
-        _require(self.finetune_epochs >= 0, "optimize.prune.finetune_epochs", f"must be >= 0, got {self.finetune_epochs}")
+        _require(self.finetune_epochs >= 0, "optimize.prune.finetune_epochs",
+                 f"must be >= 0, got {self.finetune_epochs}")
         _require(self.lr > 0, "optimize.prune.lr", f"must be > 0, got {self.lr}")
 
 
@@ -512,13 +616,15 @@ class DistillConfig:
 
 @dataclass(kw_only=True)
 class OptimizeConfig:
-    methods: List[str] = field(default_factory=list)
+    methods: List[OptimizeMethod] = field(default_factory=list)
     """Compressed variants to make, each gated on accuracy: int8_dynamic, int8_static, prune_unstructured,
     prune_structured, distill. Empty skips the step."""
     source: str = "production"
-    """jobs.optimize: registry version number or alias to compress (the pipeline uses the version it just registered)."""
+    """jobs.optimize: registry version number or alias to compress (the pipeline uses the version it just
+    registered)."""
     tolerance: float = 0.01
-    """Largest val accuracy drop against the parent (absolute: 0.01 is one point) a variant may show and be registered."""
+    """Largest val accuracy drop against the parent (absolute: 0.01 is one point) a variant may show and be
+    registered."""
     set_aliases: bool = True
     """Point the alias '<method>' (e.g. int8_dynamic) at each registered variant, so it deploys by alias."""
     latency_repeats: int = 30
@@ -531,16 +637,12 @@ class OptimizeConfig:
     """Knowledge distillation into a smaller student."""
 
     def __post_init__(self) -> None:
-        for method in self.methods:
-            _one_of(method, "optimize.methods", OPTIMIZE_METHODS)
-        _require(len(set(self.methods)) == len(self.methods), "optimize.methods", f"must not repeat a method, got {self.methods}")
+        self.methods = [_choice(method, "optimize.methods", OptimizeMethod) for method in self.methods]
+        _require(len(set(self.methods)) == len(self.methods), "optimize.methods",
+                 f"must not repeat a method, got {self.methods}")
         _require(bool(self.source), "optimize.source", "must not be empty")
         _require(0.0 <= self.tolerance <= 1.0, "optimize.tolerance", f"must be in [0, 1], got {self.tolerance}")
         _require(self.latency_repeats >= 1, "optimize.latency_repeats", f"must be >= 1, got {self.latency_repeats}")
-        # from_dict (a registry manifest) rebuilds one level of dataclasses; the sections come as dicts.
-        for name, cls in (("quantize", QuantizeConfig), ("prune", PruneConfig), ("distill", DistillConfig)):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, cls(**getattr(self, name)))
 
 
 @dataclass(kw_only=True)
@@ -549,9 +651,9 @@ class ExportConfig:
 
     out_dir: str = "k8s"
     """Folder the manifests are written to, one `<kind>.yaml` each (created if missing)."""
-    kind: str = "all"
+    kind: ExportKind = ExportKind.all
     """Manifests to write: 'all', 'raycluster', 'rayjob' or 'rayservice'."""
-    job: str = "sweep"
+    job: ExportJob = ExportJob.sweep
     """Job the RayJob runs: 'train', 'sweep' or 'pipeline', with the Hydra overrides jobs.export was given."""
     image: str = "rayproject/ray:2.60.0-py311"
     """Image of every Ray pod. It must contain this project (jobs.*, serve.app, conf/): build
@@ -562,8 +664,9 @@ class ExportConfig:
     name: str = "orchestrator"
     """Name of the RayCluster; the RayJob is `<name>-job`, the RayService `<name>-serve`."""
     head_cpus: int = 2
-    """CPU request (and limit) of the head pod, whole CPUs (Ray's num-cpus is a count). Ray schedules work there too (the worker replica count
-    leaves the head out, so it is spare room for trial drivers and Serve replicas)."""
+    """CPU request (and limit) of the head pod, whole CPUs (Ray's num-cpus is a count). Ray schedules work
+    there too (the worker replica count leaves the head out, so it is spare room for trial drivers and Serve
+    replicas)."""
     head_memory: str = "8Gi"
     """Memory request (and limit) of the head pod, a Kubernetes quantity."""
     worker_cpus: int = 4
@@ -584,20 +687,24 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.out_dir), "export.out_dir", "must not be empty")
-        _one_of(self.kind, "export.kind", ("all", *EXPORT_KINDS))
-        _one_of(self.job, "export.job", EXPORT_JOBS)
+        self.kind = _choice(self.kind, "export.kind", ExportKind)
+        self.job = _choice(self.job, "export.job", ExportJob)
         _require(bool(self.image), "export.image", "must not be empty")
-        _require(_is_dns_label(self.namespace, 63), "export.namespace", f"must be a DNS-1123 label, got {self.namespace!r}")
+        _require(_is_dns_label(self.namespace, 63), "export.namespace",
+                 f"must be a DNS-1123 label, got {self.namespace!r}")
         # KubeRay refuses RayJob/RayService names over 47 characters; '-serve' is the longest suffix added.
-        _require(_is_dns_label(self.name, 41), "export.name", f"must be a DNS-1123 label of at most 41 characters, got {self.name!r}")
+        _require(_is_dns_label(self.name, 41), "export.name",
+                 f"must be a DNS-1123 label of at most 41 characters, got {self.name!r}")
         for name in ("head_cpus", "worker_cpus"):
             _require(getattr(self, name) >= 1, f"export.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("head_memory", "worker_memory"):
-            _require(bool(_QUANTITY.fullmatch(getattr(self, name))), f"export.{name}", f"must be a Kubernetes quantity like 8Gi, got {getattr(self, name)!r}")
+            _require(bool(_QUANTITY.fullmatch(getattr(self, name))), f"export.{name}",
+                     f"must be a Kubernetes quantity like 8Gi, got {getattr(self, name)!r}")
         _require(self.worker_gpus >= 0, "export.worker_gpus", f"must be >= 0, got {self.worker_gpus}")
         for name in ("token_secret", "env_secret"):
             value = getattr(self, name)
-            _require(value == "" or _is_dns_label(value, 253, extra="-."), f"export.{name}", f"must be empty or a Secret name, got {value!r}")
+            _require(value == "" or _is_dns_label(value, 253, extra="-."), f"export.{name}",
+                     f"must be empty or a Secret name, got {value!r}")
 
 
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
@@ -646,18 +753,8 @@ class PipelineConfig:
     (after its driver or the Ray head was lost) instead of starting a new one."""
 
     def __post_init__(self) -> None:
-        _require(_is_identifier(self.run_name), "run_name", f"must be letters, digits, '-', '_' or '.', got {self.run_name!r}")
-        if self.parallel.strategy == "pipeline":
-            _require(self.train.batch_size % self.parallel.microbatches == 0, "parallel.microbatches",
-                     f"must divide train.batch_size ({self.train.batch_size}), got {self.parallel.microbatches}")
-            if self.parallel.pipeline_schedule == "1f1b":  # torch's 1F1B needs a micro-batch per stage in flight
-                _require(self.parallel.microbatches >= self.scaling.num_workers, "parallel.microbatches",
-                         f"must be >= scaling.num_workers ({self.scaling.num_workers}) for 1f1b, got {self.parallel.microbatches}")
-        from orchestrator.training.schedules import check_schedule  # imports this module: import late
-
-        check_schedule(self.schedule, self.model, self.train.epochs)
-        for path, _ in iter_search_space(self.tune.search_space):
-            _require(_has_field(self, path), f"tune.search_space.{path}", "names no config field")
+        _require(_is_identifier(self.run_name), "run_name",
+                 f"must be letters, digits, '-', '_' or '.', got {self.run_name!r}")
 
 
 def _is_identifier(name: str) -> bool:
@@ -669,7 +766,7 @@ def _is_sampler(spec: Any) -> bool:
     return isinstance(spec, (list, tuple)) and len(spec) >= 1 and spec[0] in SAMPLERS
 
 
-def iter_search_space(space: Dict[str, Any], prefix: str = ""):
+def iter_search_space(space: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
     """Yield (dotted path, sampler spec) for every leaf of a nested search space."""
     for key, value in space.items():
         path = f"{prefix}{key}"
@@ -677,66 +774,3 @@ def iter_search_space(space: Dict[str, Any], prefix: str = ""):
             yield from iter_search_space(value, path + ".")
         else:
             yield path, value
-
-
-def _has_field(obj: Any, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            return False
-        obj = getattr(obj, part)
-    return True
-
-
-def with_overrides(cfg: PipelineConfig, overrides: Dict[str, Any]) -> PipelineConfig:
-    """Return a copy of `cfg` with dotted-path values replaced (e.g. {'train.lr': 0.01}), re-validated."""
-    nested: Dict[str, Any] = {}
-    for dotted, value in overrides.items():
-        head, _, rest = dotted.partition(".")
-        nested.setdefault(head, {})
-        if rest:
-            nested[head][rest] = value
-        else:
-            nested[head] = value
-    changes = {}
-    for name, value in nested.items():
-        current = getattr(cfg, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[name] = with_overrides(current, value)
-        else:
-            changes[name] = value
-    return dataclasses.replace(cfg, **changes)
-
-
-def to_dict(cfg: Any) -> Dict[str, Any]:
-    """Plain, JSON-friendly dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(data: Dict[str, Any]) -> PipelineConfig:
-    """Rebuild a PipelineConfig from `to_dict` output (e.g. a registry manifest)."""
-    kinds = {f.name: f.type for f in dataclasses.fields(PipelineConfig)}
-    parts = {}
-    for name, value in data.items():
-        cls = globals().get(kinds.get(name, ""), None)
-        parts[name] = cls(**value) if isinstance(value, dict) and cls else value
-    return PipelineConfig(**parts)
-
-
-def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore (`conf/config.yaml` extends `pipeline_schema`)."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    store.store(name="pipeline_schema", node=PipelineConfig)
-
-
-def to_config(cfg: Any) -> PipelineConfig:
-    """Turn a composed Hydra DictConfig into a validated PipelineConfig (raises ValueError naming the field)."""
-    from omegaconf import OmegaConf
-
-    if isinstance(cfg, PipelineConfig):
-        return cfg
-    obj = OmegaConf.to_object(cfg)
-    if isinstance(obj, dict):  # composed without the schema: validate by building the dataclasses
-        obj = from_dict(obj)
-    return obj

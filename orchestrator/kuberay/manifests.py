@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 import jsonschema
 import yaml
 
-from orchestrator.config.schema import EXPORT_KINDS, PipelineConfig, _require
+from orchestrator.config import EXPORT_KINDS, PipelineConfig
+from orchestrator.config.schema import _require
+from serve.config_file import serve_config
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,6 @@ def rayjob(cfg: PipelineConfig, overrides: Sequence[str]) -> Dict[str, Any]:
 
 def rayservice(cfg: PipelineConfig) -> Dict[str, Any]:
     """A RayService whose `serveConfigV2` is `serve_config(cfg)`, as `jobs.deploy serve.write_config=...` writes it."""
-    from serve.serving import serve_config  # imports torch and Ray Serve: only when a RayService is asked for
-
     return _manifest(cfg, "RayService", f"{cfg.export.name}-serve", {
         "serveConfigV2": yaml.safe_dump(serve_config(cfg), sort_keys=False),
         "rayClusterConfig": cluster_spec(cfg),
@@ -209,7 +209,7 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(kind: str):
     """A jsonschema validator of the `ray.io/v1` `kind` (e.g. 'RayJob') from the CRD in orchestrator/kuberay/crds."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads the 1 MB CRDs 3x faster
@@ -227,7 +227,7 @@ def strict_schema(schema: Any) -> Any:
     """
     if not isinstance(schema, dict):
         return schema
-    out = {}
+    out: Dict[str, Any] = {}
     for key, value in schema.items():
         if key in ("properties", "patternProperties"):
             out[key] = {name: strict_schema(sub) for name, sub in value.items()}

@@ -29,7 +29,9 @@ def _teacher(manifest: Dict[str, Any], weights: Dict[str, Any]):
     return _TEACHERS[key]
 
 
-def _add_teacher_logits(batch: Dict[str, np.ndarray], manifest: Dict[str, Any], weights: Dict[str, Any]) -> Dict[str, np.ndarray]:
+def _add_teacher_logits(
+    batch: Dict[str, np.ndarray], manifest: Dict[str, Any], weights: Dict[str, Any]
+) -> Dict[str, np.ndarray]:
     import torch
 
     forward = _teacher(manifest, weights)
@@ -46,6 +48,9 @@ def teacher_datasets(info: DatasetInfo, manifest: Dict[str, Any], arrays: Dict[s
     datasets = ray_datasets(info)
     weights = {"ref": ray.put(arrays)}  # in a dict so each task gets the ref, not a copy of the arrays
     train = datasets["train"].map_batches(
-        _add_teacher_logits, fn_kwargs={"manifest": manifest, "weights": weights}, batch_format="numpy", batch_size=1024,
+        _add_teacher_logits,
+        fn_kwargs={"manifest": manifest, "weights": weights},
+        batch_format="numpy",
+        batch_size=1024,
     )
     return {"train": train.materialize(), "val": datasets["val"]}

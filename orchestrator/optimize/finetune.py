@@ -76,7 +76,7 @@ def compress_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    model: nn.Module = build_model(cfg.model, info.input_shape, info.num_classes)
     shared = ray.get(spec.shared["ref"]) if spec.shared else {"weights": None, "masks": {}}
     if shared["weights"] is not None:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in shared["weights"].items()})
@@ -89,9 +89,18 @@ def compress_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     history = []
     for epoch in range(cfg.train.epochs):
         started = time.perf_counter()
-        train_loss = _train_epoch(model, optimizer, spec.loss, params, masks, train, batch_size, seed=cfg.train.seed + epoch)
+        train_loss = _train_epoch(
+            model, optimizer, spec.loss, params, masks, train, batch_size, seed=cfg.train.seed + epoch
+        )
         val_accuracy = _val_accuracy(_unwrap(model), val)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy, "epoch_time_s": time.perf_counter() - started})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "val_accuracy": val_accuracy,
+                "epoch_time_s": time.perf_counter() - started,
+            }
+        )
         report_epoch(history[-1], history, {"model": _unwrap(model).state_dict(), "epoch": history[-1]["epoch"]}, rank)
 
 

@@ -44,10 +44,14 @@ class AccuracyGate:
 
     def decide(self, parent_accuracy: float, accuracy: float) -> GateDecision:
         accepted = parent_accuracy - accuracy <= self.tolerance + _EPSILON
-        return GateDecision(accepted=accepted, parent_accuracy=parent_accuracy, accuracy=accuracy, tolerance=self.tolerance)
+        return GateDecision(
+            accepted=accepted, parent_accuracy=parent_accuracy, accuracy=accuracy, tolerance=self.tolerance
+        )
 
 
-def predict_labels(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray], features: np.ndarray, batch: int = 512) -> np.ndarray:
+def predict_labels(
+    manifest: Dict[str, Any], arrays: Dict[str, np.ndarray], features: np.ndarray, batch: int = 512
+) -> np.ndarray:
     """Labels the model of `manifest` gives `features`, run exactly as a serving replica runs it."""
     forward = build_servable(manifest, arrays)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -55,6 +59,8 @@ def predict_labels(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray], feat
         return torch.cat([forward(x[i: i + batch]).argmax(dim=1) for i in range(0, len(x), batch)]).numpy()
 
 
-def accuracy(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray], features: np.ndarray, labels: np.ndarray) -> float:
+def accuracy(
+    manifest: Dict[str, Any], arrays: Dict[str, np.ndarray], features: np.ndarray, labels: np.ndarray
+) -> float:
     """Val accuracy of the model of `manifest` on `arrays`, through the serving code path."""
     return float((predict_labels(manifest, arrays, features) == labels).mean())

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.config.schema import OptimizeConfig, PipelineConfig, to_dict, with_overrides
+from orchestrator.config import OptimizeConfig, PipelineConfig, to_config, to_dict
+from orchestrator.registry.store import ModelVersion
 from orchestrator.training.data import DatasetInfo, load_split
 from orchestrator.training.models import build_model
-from orchestrator.registry.store import ModelVersion
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +57,12 @@ class Candidate:
 
     def manifest(self, parent: Parent) -> Dict[str, Any]:
         """The manifest fields `build_servable` reads, so the gate evaluates exactly what will be served."""
-        return {"version": None, "config": self.config, "signature": parent.version.signature, "variant": self.variant(parent)}
+        return {
+            "version": None,
+            "config": self.config,
+            "signature": parent.version.signature,
+            "variant": self.variant(parent),
+        }
 
 
 class CompressionMethod:
@@ -82,10 +87,14 @@ class Int8Quantization(CompressionMethod):
         calibration = None
         params: Dict[str, Any] = {"backend": self.cfg.backend}
         if self.name == "int8_static":
-            calibration = torch.from_numpy(calibration_rows(parent.info, self.cfg.calibration_rows, seed=cfg.train.seed))
+            calibration = torch.from_numpy(
+                calibration_rows(parent.info, self.cfg.calibration_rows, seed=cfg.train.seed)
+            )
             params["calibration_rows"] = len(calibration)
         qmodel = quantize(parent.float_model(), self.name, self.cfg.backend, calibration)
-        return Candidate(method=self.name, arrays=int8_arrays(qmodel), config=parent.version.manifest["config"], params=params)
+        return Candidate(
+            method=self.name, arrays=int8_arrays(qmodel), config=parent.version.manifest["config"], params=params
+        )
 
 
 def calibration_rows(info: DatasetInfo, count: int, seed: int) -> np.ndarray:
@@ -132,12 +141,17 @@ class Distillation(CompressionMethod):
         from orchestrator.optimize.distill import teacher_datasets
         from orchestrator.optimize.finetune import DistillationLoss
 
-        student = with_overrides(parent.cfg, {f"model.{key}": value for key, value in self.cfg.student.items()}).model
+        student = to_config(parent.cfg, {f"model.{key}": value for key, value in self.cfg.student.items()}).model
         run_cfg = finetune_config(cfg, parent, student, epochs=self.cfg.epochs, lr=self.cfg.lr)
         datasets = teacher_datasets(parent.info, parent.version.manifest, parent.arrays)
         loss = DistillationLoss(temperature=self.cfg.temperature, alpha=self.cfg.alpha)
         arrays, lineage = _fit(run_cfg, parent, self.name, loss=loss, datasets=datasets)
-        params = {"temperature": self.cfg.temperature, "alpha": self.cfg.alpha, "epochs": self.cfg.epochs, "student": dict(self.cfg.student)}
+        params = {
+            "temperature": self.cfg.temperature,
+            "alpha": self.cfg.alpha,
+            "epochs": self.cfg.epochs,
+            "student": dict(self.cfg.student),
+        }
         return Candidate(method=self.name, arrays=arrays, config=to_dict(run_cfg), params=params, lineage=lineage)
 
 
@@ -159,7 +173,11 @@ def _fit(run_cfg: PipelineConfig, parent: Parent, method: str, *, weights=None, 
     spec = FinetuneSpec(loss=loss or HardLabelLoss(), shared=shared)
     result = run_finetune(run_cfg, parent.info, spec, method=method, datasets=datasets)
     arrays = checkpoint_weights(run_cfg.storage.root, result.checkpoint_path)
-    return arrays, {"run": result.run_path, "checkpoint": result.checkpoint_path, "finetune_val_accuracy": result.metrics["val_accuracy"]}
+    return arrays, {
+        "run": result.run_path,
+        "checkpoint": result.checkpoint_path,
+        "finetune_val_accuracy": result.metrics["val_accuracy"],
+    }
 
 
 _METHODS: Dict[str, Callable[[str, OptimizeConfig], CompressionMethod]] = {

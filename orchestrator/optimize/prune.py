@@ -25,7 +25,11 @@ def weight_layers(model: nn.Module, *, include_head: bool) -> List[Tuple[str, nn
     """(name, module) of every Linear and Conv layer, optionally leaving out `model.head`'s."""
     head = getattr(model, "head", None)
     head_layers = {id(m) for m in head.modules()} if head is not None and not include_head else set()
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(m) not in head_layers]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(m) not in head_layers
+    ]
 
 
 def l1_masks(model: nn.Module, sparsity: float, *, structured: bool) -> Dict[str, np.ndarray]:
@@ -38,10 +42,12 @@ def l1_masks(model: nn.Module, sparsity: float, *, structured: bool) -> Dict[str
         for _, module in layers:
             prune.ln_structured(module, "weight", amount=sparsity, n=1, dim=0)
     else:
-        prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured, amount=sparsity)
+        prune.global_unstructured(
+            [(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured, amount=sparsity
+        )
     masks = {}
     for name, module in layers:
-        weight_mask = module.weight_mask.detach().bool()
+        weight_mask = module.weight_mask.detach().bool()  # type: ignore[operator]  # torch's prune adds it at runtime
         masks[f"{name}.weight"] = weight_mask.numpy()
         if structured and module.bias is not None:
             # A removed unit must output nothing: without its bias too it would still emit relu(bias).
@@ -51,7 +57,10 @@ def l1_masks(model: nn.Module, sparsity: float, *, structured: bool) -> Dict[str
 
 def apply_masks(arrays: Dict[str, np.ndarray], masks: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Copy of `arrays` with every masked-out entry set to zero."""
-    return {name: np.where(masks[name], value, 0).astype(value.dtype) if name in masks else value for name, value in arrays.items()}
+    return {
+        name: np.where(masks[name], value, 0).astype(value.dtype) if name in masks else value
+        for name, value in arrays.items()
+    }
 
 
 def sparsity_of(arrays: Dict[str, np.ndarray], masks: Dict[str, np.ndarray]) -> float:

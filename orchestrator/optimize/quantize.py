@@ -136,8 +136,8 @@ def _qtensor(arrays: Dict[str, np.ndarray], prefix: str) -> torch.Tensor:
     zero_point = torch.from_numpy(np.array(arrays[f"{prefix}.zero_point"], dtype=np.int64))
     axis = int(_scalar(arrays[f"{prefix}.axis"]))
     if axis == _PER_TENSOR:
-        scale, zero_point = _scalar(scale.numpy()), int(_scalar(zero_point.numpy()))
-        return torch.quantize_per_tensor(((ints - zero_point) * scale).float(), scale, zero_point, torch.qint8)
+        one_scale, one_zero = _scalar(scale.numpy()), int(_scalar(zero_point.numpy()))
+        return torch.quantize_per_tensor(((ints - one_zero) * one_scale).float(), one_scale, one_zero, torch.qint8)
     view = [-1 if d == axis else 1 for d in range(ints.dim())]
     values = (ints - zero_point.view(view)) * scale.view(view)
     return torch.quantize_per_channel(values.float(), scale, zero_point, axis, torch.qint8)
@@ -167,7 +167,10 @@ def load_int8_arrays(qmodel: nn.Module, arrays: Dict[str, np.ndarray]) -> None:
             tensor.copy_(torch.from_numpy(np.array(arrays[name])))
             used.add(name)
     if used != set(arrays):
-        raise ValueError(f"int8 weights do not fit the model: missing {sorted(used - set(arrays))}, unexpected {sorted(set(arrays) - used)}")
+        raise ValueError(
+            f"int8 weights do not fit the model: missing {sorted(used - set(arrays))}, "
+            f"unexpected {sorted(set(arrays) - used)}"
+        )
 
 
 def int8_model(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> nn.Module:
@@ -177,11 +180,11 @@ def int8_model(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> nn.Mo
     architecture (its random initial values are all overwritten); static quantization is prepared
     and converted on one row of zeros, whose ranges are then replaced by the stored ones.
     """
-    from orchestrator.config.schema import from_dict
+    from orchestrator.config import to_config
     from orchestrator.training.models import build_model
 
     variant, signature = manifest["variant"], manifest["signature"]
-    float_model = build_model(from_dict(manifest["config"]).model, signature["input_shape"], signature["num_classes"])
+    float_model = build_model(to_config(manifest["config"]).model, signature["input_shape"], signature["num_classes"])
     features = int(np.prod(signature["input_shape"]))
     calibration = torch.zeros(1, features) if variant["method"] == "int8_static" else None
     qmodel = quantize(float_model, variant["method"], variant["backend"], calibration)

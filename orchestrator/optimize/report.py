@@ -14,10 +14,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from orchestrator.registry import storage
 from orchestrator.optimize.quantize import int8_parameter_values
-from orchestrator.registry.store import weights_to_bytes
+from orchestrator.registry import storage
 from orchestrator.registry.servable import INT8_VARIANTS, build_servable, meta_model
+from orchestrator.registry.store import weights_to_bytes
 
 LATENCY_BATCHES = (1, 32)
 WARMUP = 3
@@ -60,7 +60,7 @@ def median_latency_ms(forward, rows: np.ndarray, repeats: int) -> float:
     """Median wall time of `forward` on `rows` with one intra-op thread, after a warm-up."""
     x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # serving replicas run one thread each (serve.serving.ModelServer)
+    torch.set_num_threads(1)  # serving replicas run one thread each (serve.replica.ModelServer)
     try:
         with torch.inference_mode():
             for _ in range(WARMUP):
@@ -89,10 +89,16 @@ def measure(
     forward = build_servable(manifest, arrays)
     latency = {b: median_latency_ms(forward, latency_rows(features, b), repeats) for b in LATENCY_BATCHES}
     return VariantReport(
-        name=name, status=status, version=version, size_bytes=len(weights_to_bytes(arrays)),
-        parameters=int(sum(v.size for v in values.values())), nonzero=int(sum(np.count_nonzero(v) for v in values.values())),
-        val_accuracy=val_accuracy, accuracy_drop=parent_accuracy - val_accuracy,
-        latency_ms_b1=latency[1], latency_ms_b32=latency[32],
+        name=name,
+        status=status,
+        version=version,
+        size_bytes=len(weights_to_bytes(arrays)),
+        parameters=int(sum(v.size for v in values.values())),
+        nonzero=int(sum(np.count_nonzero(v) for v in values.values())),
+        val_accuracy=val_accuracy,
+        accuracy_drop=parent_accuracy - val_accuracy,
+        latency_ms_b1=latency[1],
+        latency_ms_b32=latency[32],
     )
 
 

@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from orchestrator.config.schema import OptimizeConfig, PipelineConfig, from_dict
-from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.config import OptimizeConfig, PipelineConfig, to_config
 from orchestrator.optimize.gate import AccuracyGate, GateDecision, accuracy
 from orchestrator.optimize.methods import Candidate, CompressionMethod, Parent, make_methods
 from orchestrator.optimize.report import VariantReport, measure, write_report
-from orchestrator.registry.store import WEIGHTS, ModelRegistry, ModelVersion
 from orchestrator.registry.servable import INT8_VARIANTS
+from orchestrator.registry.store import WEIGHTS, ModelRegistry, ModelVersion
+from orchestrator.training.data import load_split, prepare_dataset
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,17 @@ class OptimizeResult:
     def summary(self) -> Dict[str, Any]:
         """The job's final JSON line."""
         return {
-            "model": self.parent.model, "parent_version": self.parent.version,
-            "variants": {o.method: {"registered": o.version is not None, "version": o.version.version if o.version else None,
-                                    "val_accuracy": round(o.decision.accuracy, 4), "drop": round(o.decision.drop, 4)}
-                         for o in self.outcomes},
+            "model": self.parent.model,
+            "parent_version": self.parent.version,
+            "variants": {
+                o.method: {
+                    "registered": o.version is not None,
+                    "version": o.version.version if o.version else None,
+                    "val_accuracy": round(o.decision.accuracy, 4),
+                    "drop": round(o.decision.drop, 4),
+                }
+                for o in self.outcomes
+            },
             "report": self.report_urls.get("markdown"),
         }
 
@@ -75,14 +82,26 @@ def run_optimize(cfg: PipelineConfig, ref: Optional[str] = None) -> OptimizeResu
     gate = AccuracyGate(cfg.optimize.tolerance)
     repeats = cfg.optimize.latency_repeats
     result = OptimizeResult(parent=parent.version)
-    result.report.append(measure(parent.version.manifest, parent.arrays, features, name="parent", status="parent",
-                                 version=parent.version.version, val_accuracy=parent_accuracy, parent_accuracy=parent_accuracy, repeats=repeats))
+    result.report.append(
+        measure(
+            parent.version.manifest,
+            parent.arrays,
+            features,
+            name="parent",
+            status="parent",
+            version=parent.version.version,
+            val_accuracy=parent_accuracy,
+            parent_accuracy=parent_accuracy,
+            repeats=repeats,
+        )
+    )
     for method in make_methods(cfg.optimize):
         outcome, row = _one_variant(cfg, registry, parent, method, gate, parent_accuracy, features, labels)
         result.outcomes.append(outcome)
         result.report.append(row)
     run_id = f"{parent.version.model}-v{parent.version.version}-{time.strftime('%Y%m%d-%H%M%S')}"
-    title = f"optimize {parent.version.model} v{parent.version.version} (tolerance {100 * cfg.optimize.tolerance:.2f} points)"
+    tolerance = f"tolerance {100 * cfg.optimize.tolerance:.2f} points"
+    title = f"optimize {parent.version.model} v{parent.version.version} ({tolerance})"
     written = write_report(cfg.storage.root, run_id, result.report, title)
     result.report_text = written.pop("text")
     result.report_urls = written
@@ -96,16 +115,27 @@ def load_parent(cfg: PipelineConfig, registry: ModelRegistry, ref: str) -> Paren
     if method in INT8_VARIANTS:
         raise ValueError(f"{version.model} v{version.version} is an {method} variant: compress its float parent "
                          f"v{version.manifest['variant']['parent_version']} instead")
-    parent_cfg = from_dict(version.manifest["config"])
+    parent_cfg = to_config(version.manifest["config"])
     info = prepare_dataset(parent_cfg.data, cfg.storage.root)
     recorded = version.manifest.get("lineage", {}).get("data_digest")
     if recorded and recorded != info.digest:
-        raise ValueError(f"{version.model} v{version.version} was trained on data {recorded[:12]} but its data config now "
-                         f"gives {info.digest[:12]}: the gate would compare on different rows")
+        raise ValueError(
+            f"{version.model} v{version.version} was trained on data {recorded[:12]} but its data config now "
+            f"gives {info.digest[:12]}: the gate would compare on different rows"
+        )
     return Parent(version=version, arrays=arrays, cfg=parent_cfg, info=info)
 
 
-def _one_variant(cfg, registry, parent: Parent, method: CompressionMethod, gate: AccuracyGate, parent_accuracy: float, features, labels):
+def _one_variant(
+    cfg,
+    registry,
+    parent: Parent,
+    method: CompressionMethod,
+    gate: AccuracyGate,
+    parent_accuracy: float,
+    features,
+    labels,
+):
     """Make, gate, (register) and measure one variant; (outcome, report row)."""
     started = time.perf_counter()
     candidate = method.make(parent, cfg)
@@ -116,22 +146,41 @@ def _one_variant(cfg, registry, parent: Parent, method: CompressionMethod, gate:
     (log.info if decision.accepted else log.warning)("%s (%.1f s)", message, time.perf_counter() - started)
     if version is not None:
         manifest = version.manifest
-    row = measure(manifest, candidate.arrays, features, name=method.name, status="registered" if version else "rejected",
-                  version=version.version if version else None, val_accuracy=decision.accuracy,
-                  parent_accuracy=parent_accuracy, repeats=cfg.optimize.latency_repeats)
+    row = measure(
+        manifest,
+        candidate.arrays,
+        features,
+        name=method.name,
+        status="registered" if version else "rejected",
+        version=version.version if version else None,
+        val_accuracy=decision.accuracy,
+        parent_accuracy=parent_accuracy,
+        repeats=cfg.optimize.latency_repeats,
+    )
     return VariantOutcome(method=method.name, decision=decision, message=message, version=version), row
 
 
-def _register(cfg, registry: ModelRegistry, parent: Parent, candidate: Candidate, decision: GateDecision) -> ModelVersion:
+def _register(
+    cfg, registry: ModelRegistry, parent: Parent, candidate: Candidate, decision: GateDecision
+) -> ModelVersion:
     model = parent.version.model
     version = registry.register(
-        model, candidate.arrays,
-        metrics={"val_accuracy": decision.accuracy, "parent_val_accuracy": decision.parent_accuracy, "accuracy_drop": decision.drop},
+        model,
+        candidate.arrays,
+        metrics={
+            "val_accuracy": decision.accuracy,
+            "parent_val_accuracy": decision.parent_accuracy,
+            "accuracy_drop": decision.drop,
+        },
         config=candidate.config,
         lineage={
-            "kind": "optimize", "method": candidate.method, "parent_version": parent.version.version,
-            "parent_weights_sha256": parent.version.manifest["files"][WEIGHTS], "data_digest": parent.info.digest,
-            "data_url": parent.info.url, **candidate.lineage,
+            "kind": "optimize",
+            "method": candidate.method,
+            "parent_version": parent.version.version,
+            "parent_weights_sha256": parent.version.manifest["files"][WEIGHTS],
+            "data_digest": parent.info.digest,
+            "data_url": parent.info.url,
+            **candidate.lineage,
         },
         signature=parent.version.signature,
         variant={**candidate.variant(parent), "tolerance": decision.tolerance},

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict
 import numpy as np
 import torch
 
-from orchestrator.config.schema import from_dict
+from orchestrator.config import to_config
 from orchestrator.training.models import build_model
 
 Servable = Callable[[torch.Tensor], torch.Tensor]
@@ -36,7 +36,9 @@ def build_servable(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> S
         return _shared_weights_model(manifest, arrays)
     if method in INT8_VARIANTS:
         return _int8_model(manifest, arrays)
-    raise ValueError(f"registry version {manifest.get('version')} is a {method!r} variant, which this build cannot serve")
+    raise ValueError(
+        f"registry version {manifest.get('version')} is a {method!r} variant, which this build cannot serve"
+    )
 
 
 FLOAT_WEIGHT_VARIANTS: tuple = ("prune_unstructured", "prune_structured", "distill")
@@ -59,7 +61,7 @@ def meta_model(manifest: Dict[str, Any]) -> torch.nn.Module:
     """The recorded architecture, on the meta device (allocates no weights), in eval mode."""
     signature = manifest["signature"]
     with torch.device("meta"):
-        model = build_model(from_dict(manifest["config"]).model, signature["input_shape"], signature["num_classes"])
+        model = build_model(to_config(manifest["config"]).model, signature["input_shape"], signature["num_classes"])
     return model.eval()
 
 
@@ -78,7 +80,8 @@ def shared_tensors(arrays: Dict[str, np.ndarray], model: torch.nn.Module) -> Dic
     expected = set(model.state_dict())
     if set(arrays) != expected:
         raise ValueError(
-            f"registry weights do not fit the model: missing {sorted(expected - set(arrays))}, unexpected {sorted(set(arrays) - expected)}"
+            f"registry weights do not fit the model: missing {sorted(expected - set(arrays))}, "
+            f"unexpected {sorted(set(arrays) - expected)}"
         )
     with warnings.catch_warnings():
         # The arrays are read-only on purpose (shared); inference never writes to them.

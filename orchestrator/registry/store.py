@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from orchestrator.registry import storage
 from orchestrator.config.schema import _is_identifier
+from orchestrator.registry import storage
 
 WEIGHTS = "weights.npz"
 MANIFEST = "manifest.json"
@@ -60,7 +60,9 @@ def sha256(data: bytes) -> str:
 
 def weights_to_bytes(state: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in state.items()})
+    # Typed Any: numpy's stub would read a weight named 'allow_pickle' as that flag.
+    arrays: Dict[str, Any] = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -108,7 +110,11 @@ class ModelRegistry:
 
     def versions(self, model: str) -> List[int]:
         """Complete versions of `model`, oldest first."""
-        return [n for n in self._all_version_numbers(model) if storage.exists(storage.join(self._version_url(model, n), MANIFEST))]
+        return [
+            n
+            for n in self._all_version_numbers(model)
+            if storage.exists(storage.join(self._version_url(model, n), MANIFEST))
+        ]
 
     def aliases(self, model: str) -> Dict[str, int]:
         url = storage.join(self.url, model, "aliases.json")
@@ -121,7 +127,9 @@ class ModelRegistry:
             raise RegistryError(f"alias {alias!r} is reserved: numbers are versions and 'latest' is the newest")
         number = self.resolve(model, version)
         aliases = {**self.aliases(model), alias: number}
-        storage.write_bytes_atomic(storage.join(self.url, model, "aliases.json"), json.dumps(aliases, indent=2).encode())
+        storage.write_bytes_atomic(
+            storage.join(self.url, model, "aliases.json"), json.dumps(aliases, indent=2).encode()
+        )
 
     def resolve(self, model: str, ref: Union[int, str]) -> int:
         """Version number of `ref`: a number, an alias, or 'latest'."""

@@ -87,7 +87,10 @@ def _check(root: str, path: str, *, keep: Optional[Collection[str]]) -> Tuple[Di
         except OSError as err:
             raise TornCheckpoint(f"{path}: {name} is listed in the manifest but missing") from err
         if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise TornCheckpoint(f"{path}: {name} does not match its sha256 in the manifest ({len(data)} bytes, {expected['bytes']} expected)")
+            raise TornCheckpoint(
+                f"{path}: {name} does not match its sha256 in the manifest "
+                f"({len(data)} bytes, {expected['bytes']} expected)"
+            )
         if keep is None or name in keep:
             contents[name] = data
     return manifest, contents

@@ -17,14 +17,25 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
+from orchestrator.config import PipelineConfig, ScheduleConfig
 from orchestrator.registry import storage
-from orchestrator.config.schema import PipelineConfig, ScheduleConfig
 from orchestrator.training.data import prepare_dataset, ray_datasets
-from orchestrator.training.schedules import schedule_epochs
 from orchestrator.training.loop import run_train
+from orchestrator.training.schedules import schedule_epochs
 
-COLUMNS = ["schedule", "runs", "val_accuracy", "val_accuracy_std", "final_val_accuracy", "train_gflops", "forward_passes",
-           "backward_passes", "epoch_s", "wall_s", "gflops_vs_end_to_end"]
+COLUMNS = [
+    "schedule",
+    "runs",
+    "val_accuracy",
+    "val_accuracy_std",
+    "final_val_accuracy",
+    "train_gflops",
+    "forward_passes",
+    "backward_passes",
+    "epoch_s",
+    "wall_s",
+    "gflops_vs_end_to_end",
+]
 
 
 @dataclass(kw_only=True)
@@ -48,11 +59,16 @@ def compare_schedules(cfg: PipelineConfig) -> List[ScheduleConfig]:
         if kind == cfg.schedule.kind:
             out.append(cfg.schedule)
         elif kind == "custom":
-            raise ValueError("compare.schedules has 'custom' but schedule.kind is not custom: set schedule=... with its phases")
+            raise ValueError(
+                "compare.schedules has 'custom' but schedule.kind is not custom: set schedule=... with its phases"
+            )
         else:
             out.append(ScheduleConfig(kind=kind, cache_frozen=cfg.schedule.cache_frozen))
         if schedule_epochs(out[-1], cfg.train.epochs) != cfg.train.epochs:
-            raise ValueError(f"compare needs every schedule to run train.epochs ({cfg.train.epochs}) epochs; schedule {kind} runs {schedule_epochs(out[-1], cfg.train.epochs)}")
+            raise ValueError(
+                f"compare needs every schedule to run train.epochs ({cfg.train.epochs}) epochs; "
+                f"schedule {kind} runs {schedule_epochs(out[-1], cfg.train.epochs)}"
+            )
         dataclasses.replace(cfg, schedule=out[-1])  # validates the schedule against the model
     return out
 
@@ -65,7 +81,12 @@ def run_compare(cfg: PipelineConfig) -> CompareResult:
     for schedule in compare_schedules(cfg):
         for seed in cfg.compare.seeds:
             # A distinct run name per run: two fits started within one second must not share a results folder.
-            run_cfg = dataclasses.replace(cfg, schedule=schedule, train=dataclasses.replace(cfg.train, seed=seed), run_name=f"{cfg.run_name}-{schedule.kind}-s{seed}")
+            run_cfg = dataclasses.replace(
+                cfg,
+                schedule=schedule,
+                train=dataclasses.replace(cfg.train, seed=seed),
+                run_name=f"{cfg.run_name}-{schedule.kind}-s{seed}",
+            )
             started = time.perf_counter()
             result = run_train(run_cfg, info, datasets)
             runs.append(_run_record(schedule.kind, seed, result, time.perf_counter() - started))

@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from orchestrator.config import DataConfig
 from orchestrator.registry import storage
-from orchestrator.config.schema import DataConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +48,10 @@ def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
     features, labels, columns, label_column = _load_source(cfg)
     input_shape = list(cfg.input_shape) or natural_shape(cfg.source, features.shape[1])
     if int(np.prod(input_shape)) != features.shape[1]:
-        raise ValueError(f"data.input_shape {input_shape} holds {int(np.prod(input_shape))} values but the source has {features.shape[1]} features")
+        raise ValueError(
+            f"data.input_shape {input_shape} holds {int(np.prod(input_shape))} values "
+            f"but the source has {features.shape[1]} features"
+        )
     digest = _digest(features, labels, cfg)
     url = storage.join(root, "datasets", f"{_source_name(cfg.source)}-{digest[:12]}")
     info_url = storage.join(url, "info.json")
@@ -125,7 +128,12 @@ def _synthetic(cfg: DataConfig):
     centers = rng.normal(scale=1.5, size=(cfg.synthetic_classes, cfg.synthetic_features))
     labels = rng.integers(0, cfg.synthetic_classes, size=cfg.synthetic_samples)
     features = centers[labels] + rng.normal(size=(cfg.synthetic_samples, cfg.synthetic_features))
-    return features.astype(np.float32), labels.astype(np.int64), [f"f{i}" for i in range(cfg.synthetic_features)], "label"
+    return (
+        features.astype(np.float32),
+        labels.astype(np.int64),
+        [f"f{i}" for i in range(cfg.synthetic_features)],
+        "label",
+    )
 
 
 def _read_parquet_source(cfg: DataConfig):
@@ -136,7 +144,9 @@ def _read_parquet_source(cfg: DataConfig):
         raise FileNotFoundError(f"data.source {cfg.source!r} does not exist")
     table = pq.read_table(path, filesystem=fs)
     if cfg.label_column not in table.column_names:
-        raise ValueError(f"data.label_column {cfg.label_column!r} is not a column of {cfg.source} (columns: {table.column_names})")
+        raise ValueError(
+            f"data.label_column {cfg.label_column!r} is not a column of {cfg.source} (columns: {table.column_names})"
+        )
     columns = list(cfg.feature_columns) or [c for c in table.column_names if c != cfg.label_column]
     missing = [c for c in columns if c not in table.column_names]
     if missing:

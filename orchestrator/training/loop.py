@@ -15,20 +15,33 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from orchestrator.config import PipelineConfig, to_dict
 from orchestrator.registry import storage
-from orchestrator.training.checkpoints import TornCheckpoint, complete_checkpoints, newest_complete, read_verified, write_manifest
-from orchestrator.config.schema import PipelineConfig, to_dict
+from orchestrator.training.checkpoints import (
+    TornCheckpoint,
+    complete_checkpoints,
+    newest_complete,
+    read_verified,
+    write_manifest,
+)
 from orchestrator.training.data import DatasetInfo, prepare_dataset, ray_datasets
-from orchestrator.training.models import build_model
+from orchestrator.training.models import StagedModel, build_model
 from orchestrator.training.parallel import make_runner, shards_data
-from orchestrator.training.phases import Compute, PhaseModel, add_cache_compute, add_epoch_compute, forward_flops, make_aux_heads
+from orchestrator.training.phases import (
+    Compute,
+    PhaseModel,
+    add_cache_compute,
+    add_epoch_compute,
+    forward_flops,
+    make_aux_heads,
+)
 from orchestrator.training.resume import mark_done, run_name_for
 from orchestrator.training.schedules import HEAD, Phase, expand_schedule
 from orchestrator.training.tracking import start_tracking
@@ -90,12 +103,24 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     aux_heads = make_aux_heads(model, phases, info.num_classes, cfg.train.seed)
     flops = forward_flops(model, aux_heads)
     model.to(device), aux_heads.to(device)
-    resume = _restore(_resume_point(cfg.storage.root, loop_config["run_url"], ray.train.get_checkpoint(), rank), cfg.storage.root, model, aux_heads)
+    resume = _restore(
+        _resume_point(cfg.storage.root, loop_config["run_url"], ray.train.get_checkpoint(), rank),
+        cfg.storage.root,
+        model,
+        aux_heads,
+    )
 
     shard = shards_data(cfg.parallel)
     train_rows = worker_rows(ray.train.get_dataset_shard("train"), rank if shard else 0, world if shard else 1, device)
     val_rows = worker_rows(ray.train.get_dataset_shard("val"), 0, 1, device)
-    tracker = start_tracking(cfg.tracking, cfg.storage.root, name=loop_config["run_name"], group=loop_config["group"], config=to_dict(cfg), rank=rank)
+    tracker = start_tracking(
+        cfg.tracking,
+        cfg.storage.root,
+        name=loop_config["run_name"],
+        group=loop_config["group"],
+        config=to_dict(cfg),
+        rank=rank,
+    )
     run = _Run(cfg=cfg, model=model, aux_heads=aux_heads, flops=flops, rank=rank, world=world, device=device,
                train=train_rows, val=val_rows, resume=resume, tracker=tracker)
     for phase in phases:
@@ -109,14 +134,14 @@ class _Run:
     """State one worker carries through a schedule."""
 
     cfg: PipelineConfig
-    model: nn.Module
+    model: StagedModel
     aux_heads: nn.ModuleDict
     flops: Dict[str, float]
     rank: int
     world: int
     device: torch.device
-    train: tuple
-    val: tuple
+    train: Tuple[torch.Tensor, torch.Tensor]
+    val: Tuple[torch.Tensor, torch.Tensor]
     resume: _Resume
     tracker: Any
 
@@ -132,7 +157,9 @@ class _Run:
         x, y = self.train
         if cached:  # the frozen prefix runs once per phase, not once per epoch
             x = phase_model.cached_features(x) if runner.needs_inputs else x
-            add_cache_compute(compute, phase, self.flops, self._global_rows(len(y), runner) if runner.needs_inputs else 0)
+            add_cache_compute(
+                compute, phase, self.flops, self._global_rows(len(y), runner) if runner.needs_inputs else 0
+            )
         for epoch in range(start, phase.end_epoch):
             self._epoch(phase, phase_model, runner, x, y, epoch, cached)
 
@@ -141,7 +168,9 @@ class _Run:
         started = time.perf_counter()
         phase_model.train()
         batch = cfg.train.batch_size if not runner.shards_data else max(1, cfg.train.batch_size // self.world)
-        train_loss, rows, steps = _train_epoch(runner, phase_model, x, y, batch=batch, seed=cfg.train.seed + epoch, cached=cached)
+        train_loss, rows, steps = _train_epoch(
+            runner, phase_model, x, y, batch=batch, seed=cfg.train.seed + epoch, cached=cached
+        )
         runner.sync()
         self.resume.steps += steps
         add_epoch_compute(self.resume.compute, phase, self.flops, self._global_rows(rows, runner), cached=cached)
@@ -150,17 +179,31 @@ class _Run:
         phase_accuracy = val_accuracy
         if phase.output != HEAD:  # what the phase trains (stage + auxiliary head), beside the whole model
             phase_model.trainable.eval()
-            _, phase_accuracy = _evaluate(lambda v: phase_model.trainable(phase_model.features(v)), *self.val, self.rank, self.world)
+            _, phase_accuracy = _evaluate(
+                lambda v: phase_model.trainable(phase_model.features(v)), *self.val, self.rank, self.world
+            )
         metrics = {
-            "epoch": epoch + 1, "phase": phase.index, "phase_name": phase.name, "train_loss": train_loss,
-            "val_loss": val_loss, "val_accuracy": val_accuracy, "phase_val_accuracy": phase_accuracy,
-            "epoch_time_s": time.perf_counter() - started, "restored_epoch": self.resume.epoch, "steps": self.resume.steps,
+            "epoch": epoch + 1,
+            "phase": phase.index,
+            "phase_name": phase.name,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "phase_val_accuracy": phase_accuracy,
+            "epoch_time_s": time.perf_counter() - started,
+            "restored_epoch": self.resume.epoch,
+            "steps": self.resume.steps,
             **self.resume.compute.as_metrics(),
         }
         self.resume.history.append(metrics)
         self.tracker.log(metrics, step=epoch + 1)
         optimizer_state = runner.optimizer_state()  # every rank: some plans gather it collectively
-        state = {"model": self.model.state_dict(), "aux_heads": self.aux_heads.state_dict(), "optimizer": optimizer_state, "epoch": metrics["epoch"]}
+        state = {
+            "model": self.model.state_dict(),
+            "aux_heads": self.aux_heads.state_dict(),
+            "optimizer": optimizer_state,
+            "epoch": metrics["epoch"],
+        }
         report_epoch(metrics, self.resume.history, state, self.rank)
 
     def _global_rows(self, rows: int, runner) -> int:
@@ -170,7 +213,7 @@ class _Run:
         return int(_all_reduce(torch.tensor([float(rows)]))[0])
 
 
-def worker_rows(shard, rank: int, world: int, device: torch.device) -> tuple:
+def worker_rows(shard, rank: int, world: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """All rows of a Ray Data shard as tensors (x, y), keeping every `world`-th from `rank`.
 
     Every rank keeps the same number of rows (the remainder is dropped), so data-parallel ranks take
@@ -188,9 +231,11 @@ def worker_rows(shard, rank: int, world: int, device: torch.device) -> tuple:
 
 def _resume_point(root: str, run_url: str, ray_checkpoint, rank: int) -> Optional[str]:
     """Path of the checkpoint every rank resumes from: the newest complete one, chosen by rank 0."""
-    choice = [None]
+    choice: List[Optional[str]] = [None]
     if rank == 0:
-        newest = newest_complete(root, storage.filesystem(run_url)[1], also=ray_checkpoint.path if ray_checkpoint is not None else None)
+        newest = newest_complete(
+            root, storage.filesystem(run_url)[1], also=ray_checkpoint.path if ray_checkpoint is not None else None
+        )
         choice = [newest.path if newest is not None else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(choice, src=0)  # one choice, even if a checkpoint completes mid-scan
@@ -207,9 +252,18 @@ def _restore(path: Optional[str], root: str, model: nn.Module, aux_heads: nn.Mod
     model.load_state_dict(state["model"])
     aux_heads.load_state_dict(state["aux_heads"])
     last = history[-1] if history else {}
-    compute = Compute(forward_passes=int(last.get("forward_passes", 0)), backward_passes=int(last.get("backward_passes", 0)),
-                      flops=float(last.get("train_gflops", 0.0)) * 1e9)
-    return _Resume(epoch=int(state["epoch"]), history=history, optimizer=state["optimizer"], compute=compute, steps=int(last.get("steps", 0)))
+    compute = Compute(
+        forward_passes=int(last.get("forward_passes", 0)),
+        backward_passes=int(last.get("backward_passes", 0)),
+        flops=float(last.get("train_gflops", 0.0)) * 1e9,
+    )
+    return _Resume(
+        epoch=int(state["epoch"]),
+        history=history,
+        optimizer=state["optimizer"],
+        compute=compute,
+        steps=int(last.get("steps", 0)),
+    )
 
 
 def _train_epoch(runner, phase_model: PhaseModel, x, y, *, batch: int, seed: int, cached: bool) -> tuple:
@@ -282,8 +336,16 @@ def report_epoch(metrics: Dict[str, Any], history: List[Dict[str, Any]], state: 
 
 
 def build_trainer(
-    cfg: PipelineConfig, info: DatasetInfo, *, run_name: str, group: str, storage_subdir: str, datasets=None,
-    callbacks=None, loop: Callable[[Dict[str, Any]], Any] = train_loop_per_worker, extra_loop_config: Optional[Dict[str, Any]] = None,
+    cfg: PipelineConfig,
+    info: DatasetInfo,
+    *,
+    run_name: str,
+    group: str,
+    storage_subdir: str,
+    datasets=None,
+    callbacks=None,
+    loop: Callable[[Dict[str, Any]], Any] = train_loop_per_worker,
+    extra_loop_config: Optional[Dict[str, Any]] = None,
 ):
     """A TorchTrainer for one run of `cfg` on `info`, storing results under <root>/<storage_subdir>/<run_name>.
 
@@ -298,10 +360,18 @@ def build_trainer(
     run_url = storage.join(cfg.storage.root, storage_subdir, run_name)
     return TorchTrainer(
         loop,
-        train_loop_config={"cfg": cfg, "data": info, "run_name": run_name, "group": group, "run_url": run_url, **(extra_loop_config or {})},
+        train_loop_config={
+            "cfg": cfg,
+            "data": info,
+            "run_name": run_name,
+            "group": group,
+            "run_url": run_url,
+            **(extra_loop_config or {}),
+        },
         torch_config=TorchConfig(backend=cfg.parallel.backend),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
         # No split by Ray: every rank reads each split in the same order and keeps its own stride of rows
@@ -309,10 +379,15 @@ def build_trainer(
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         datasets=datasets or ray_datasets(info),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=path, storage_filesystem=fs, callbacks=callbacks or [],
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max",
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max",
             ),
         ),
     )
@@ -326,7 +401,9 @@ def result_from_ray(result, root: str, info: DatasetInfo) -> TrainResult:
     """
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    histories = {c.path: json.loads(c.files[HISTORY_FILE]) for c in complete_checkpoints(root, result.path, keep=(HISTORY_FILE,))}
+    histories = {
+        c.path: json.loads(c.files[HISTORY_FILE]) for c in complete_checkpoints(root, result.path, keep=(HISTORY_FILE,))
+    }
     if not histories:
         raise RuntimeError(f"training left no complete checkpoint under {result.path}")
     best = max(histories, key=lambda path: (histories[path][-1]["val_accuracy"], -histories[path][-1]["epoch"]))
@@ -345,7 +422,9 @@ def run_train(cfg: PipelineConfig, info: Optional[DatasetInfo] = None, datasets=
     """
     info = info or prepare_dataset(cfg.data, cfg.storage.root)
     run_name = run_name_for(cfg, "train")
-    trainer = build_trainer(cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results", datasets=datasets)
+    trainer = build_trainer(
+        cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results", datasets=datasets
+    )
     result = result_from_ray(trainer.fit(), cfg.storage.root, info)
     mark_done(cfg.storage.root, run_name, {"best_checkpoint": result.checkpoint_path, "metrics": result.metrics})
     return result

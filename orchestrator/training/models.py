@@ -9,18 +9,18 @@ from __future__ import annotations
 import inspect
 import math
 from collections import OrderedDict
-from typing import List, Sequence
+from typing import List, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from orchestrator.config.schema import ModelConfig
+from orchestrator.config import ModelConfig
 
 
 class StagedModel(nn.Module):
     """`head(stage_n(...stage_1(x)))`, with x reshaped to `input_shape` first."""
 
-    def __init__(self, stages: "OrderedDict[str, nn.Module]", head: nn.Module, input_shape: Sequence[int]):
+    def __init__(self, stages: Mapping[str, nn.Module], head: nn.Module, input_shape: Sequence[int]):
         super().__init__()
         if not stages:
             raise ValueError("a StagedModel needs at least one stage before its head")
@@ -42,7 +42,7 @@ class StagedModel(nn.Module):
 def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> StagedModel:
     """Build the configured model for samples of `input_shape` and `num_classes` classes."""
     if cfg._target_:
-        return _user_model(cfg, input_shape, num_classes)
+        return _user_model(cfg._target_, cfg, input_shape, num_classes)
     if cfg.name == "cnn":
         return _cnn(cfg, input_shape, num_classes)
     return _mlp(cfg, input_shape, num_classes)
@@ -74,14 +74,16 @@ def _cnn(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> Stag
         channels = out
         if pool:
             height, width = height // 2, width // 2
-    stages["dense"] = _block(nn.Flatten(), nn.Linear(channels * height * width, cfg.hidden[0]), nn.ReLU(), dropout=cfg.dropout)
+    stages["dense"] = _block(
+        nn.Flatten(), nn.Linear(channels * height * width, cfg.hidden[0]), nn.ReLU(), dropout=cfg.dropout
+    )
     return StagedModel(stages, nn.Linear(cfg.hidden[0], num_classes), input_shape)
 
 
-def _user_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> StagedModel:
+def _user_model(target: str, cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> StagedModel:
     from hydra.utils import get_object
 
-    factory = get_object(cfg._target_)
+    factory = get_object(target)
     offered = {"in_features": math.prod(input_shape), "input_shape": list(input_shape), "num_classes": num_classes}
     params = inspect.signature(factory).parameters
     accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -93,6 +95,6 @@ def _user_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
         children = list(model.named_children())
         return StagedModel(OrderedDict(children[:-1]), children[-1][1], input_shape)
     raise TypeError(
-        f"model._target_ {cfg._target_!r} built a {type(model).__name__}; it must build an orchestrator.StagedModel "
+        f"model._target_ {target!r} built a {type(model).__name__}; it must build an orchestrator.StagedModel "
         "or a torch.nn.Sequential of at least two children (the last one is the head)"
     )

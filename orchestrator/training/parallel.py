@@ -15,13 +15,13 @@ evaluation, checkpoints and the next phase see ordinary tensors whatever the pla
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.config.schema import ParallelConfig, TrainConfig
+from orchestrator.config import ParallelConfig, TrainConfig
 
 _LOSS = nn.CrossEntropyLoss()
 
@@ -108,7 +108,8 @@ class FSDPRunner(Runner):
 
         # Every rank gets the full tensors (no cpu_offload: with it only rank 0 would).
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
-        self.plain.load_state_dict({k: v.detach().cpu() for k, v in full.items()})
+        tensors = cast(Dict[str, torch.Tensor], full)  # a model's full state dict holds only tensors
+        self.plain.load_state_dict({k: v.detach().cpu() for k, v in tensors.items()})
 
     def optimizer_state(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -124,7 +125,15 @@ class FSDPRunner(Runner):
 class PipelineRunner(Runner):
     shards_data = False
 
-    def __init__(self, module: nn.Module, groups: List[Dict[str, Any]], train_cfg: TrainConfig, cfg: ParallelConfig, device: torch.device):
+
+    def __init__(
+        self,
+        module: nn.Module,
+        groups: List[Dict[str, Any]],
+        train_cfg: TrainConfig,
+        cfg: ParallelConfig,
+        device: torch.device,
+    ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -137,7 +146,11 @@ class PipelineRunner(Runner):
         mine = {id(p) for _, child in self.parts[self.rank] for p in child.parameters()}
         local_groups = [{**g, "params": [p for p in g["params"] if id(p) in mine]} for g in groups]
         # A rank whose part is all frozen (or padding) has nothing to optimize.
-        self.optimizer = make_optimizer(train_cfg, [g for g in local_groups if g["params"]]) if any(g["params"] for g in local_groups) else None
+        self.optimizer = (
+            make_optimizer(train_cfg, [g for g in local_groups if g["params"]])
+            if any(g["params"] for g in local_groups)
+            else None
+        )
 
     def step(self, inputs, targets):
         if self.optimizer is not None:
@@ -190,7 +203,9 @@ def split_stages(children: List[tuple], parts: int) -> List[List[tuple]]:
     return groups
 
 
-def make_runner(cfg: ParallelConfig, module: nn.Module, groups: List[Dict[str, Any]], train_cfg: TrainConfig, device: torch.device) -> Runner:
+def make_runner(
+    cfg: ParallelConfig, module: nn.Module, groups: List[Dict[str, Any]], train_cfg: TrainConfig, device: torch.device
+) -> Runner:
     """The runner of plan `cfg.strategy` for `module` (a phase's trainable part) and its parameter groups."""
     if cfg.strategy == "fsdp":
         return FSDPRunner(module, groups, train_cfg, device)

@@ -109,7 +109,11 @@ class Compute:
     trainable stage (weight and input gradients) and 1x for a frozen stage gradients pass through."""
 
     def as_metrics(self) -> Dict[str, float]:
-        return {"train_gflops": self.flops / 1e9, "forward_passes": self.forward_passes, "backward_passes": self.backward_passes}
+        return {
+            "train_gflops": self.flops / 1e9,
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
+        }
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Any, Dict, Optional
 
+from orchestrator.config import PipelineConfig
 from orchestrator.registry import storage
-from orchestrator.config.schema import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,12 @@ def run_name_for(cfg: PipelineConfig, kind: str) -> str:
         if unfinished is not None:
             log.info("resume=true: continuing %s from %s", unfinished, storage.join(cfg.storage.root, "ray_results"))
             return unfinished
-        log.info("resume=true: no unfinished %s run named %s-%s-* under the storage root; starting a new one", kind, cfg.run_name, kind)
+        log.info(
+            "resume=true: no unfinished %s run named %s-%s-* under the storage root; starting a new one",
+            kind,
+            cfg.run_name,
+            kind,
+        )
     return f"{cfg.run_name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -47,4 +52,6 @@ def newest_unfinished(root: str, prefix: str) -> Optional[str]:
 
 def mark_done(root: str, name: str, summary: Dict[str, Any]) -> None:
     """Record that run `name` ended, so `resume=true` does not pick it up again."""
-    storage.write_bytes_atomic(storage.join(root, "ray_results", name, DONE_FILE), json.dumps(summary, default=str).encode())
+    storage.write_bytes_atomic(
+        storage.join(root, "ray_results", name, DONE_FILE), json.dumps(summary, default=str).encode()
+    )

@@ -1,8 +1,9 @@
 """Training schedules as data: which stages train in which phase, for how long, at what learning rate.
 
 `expand_schedule` turns a `ScheduleConfig` and a model's stage names into a list of `Phase`s that the
-training loop runs in order. Nothing here imports torch, so configs are checked against the built-in
-models' stages before Ray starts.
+training loop runs in order. Whether a schedule fits a model's stages is checked by
+`orchestrator.config.check_schedule` (before Ray starts for the built-in models, whose stage names the
+config knows; here again for any model, once its stages are known); the planners below only plan.
 
 Names used in a phase's `trainable`: the model's stage names, "head" (the model's own head) and
 "aux" (an auxiliary head on the phase's output stage, used by greedy layer-wise training).
@@ -13,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
-from orchestrator.config.schema import ModelConfig, PhaseConfig, ScheduleConfig
+from orchestrator.config import HEAD, PhaseConfig, ScheduleConfig, ScheduleKind, check_schedule
 
-HEAD = "head"
 AUX = "aux"
 
 
@@ -60,19 +60,11 @@ class Phase:
                 "first_epoch": self.first_epoch, "lr": dict(self.lr)}
 
 
-def builtin_stage_names(model: ModelConfig) -> List[str]:
-    """Stage names of a built-in model (as orchestrator.training.models builds them), or [] for a `_target_` model."""
-    if model._target_:
-        return []
-    if model.name == "cnn":
-        return [f"conv{i}" for i in range(len(model.channels))] + ["dense"]
-    return [f"block{i}" for i in range(len(model.hidden))]
-
-
 def expand_schedule(cfg: ScheduleConfig, stages: Sequence[str], *, epochs: int, lr: float) -> List[Phase]:
     """The phases of `cfg` for a model with `stages`, sharing `epochs` (train.epochs) unless
     `cfg.phase_epochs` sets each phase's length. Raises ValueError naming the offending field."""
     stages = list(stages)
+    check_schedule(cfg, stages, epochs=epochs)
     plans = _PLANNERS[cfg.kind](cfg, stages)
     lengths = _phase_lengths(cfg, len(plans), epochs)
     phases, start = [], 0
@@ -86,27 +78,17 @@ def expand_schedule(cfg: ScheduleConfig, stages: Sequence[str], *, epochs: int, 
 
 def schedule_epochs(cfg: ScheduleConfig, epochs: int) -> int:
     """How many epochs the schedule runs in all: train.epochs unless the phases' lengths are given."""
-    if cfg.kind == "custom":
+    if cfg.kind == ScheduleKind.custom:
         return sum(p.epochs for p in cfg.phases)
     return sum(cfg.phase_epochs) if cfg.phase_epochs else epochs
 
 
-def check_schedule(cfg: ScheduleConfig, model: ModelConfig, epochs: int) -> None:
-    """Raise ValueError if `cfg` cannot run on the built-in `model` (user models are checked when built)."""
-    stages = builtin_stage_names(model)
-    if stages:
-        expand_schedule(cfg, stages, epochs=epochs, lr=1.0)
-
-
 def _phase_lengths(cfg: ScheduleConfig, count: int, epochs: int) -> List[int]:
-    if cfg.kind == "custom":
+    # check_schedule has made sure the lengths given match `count`, or that `epochs` covers it.
+    if cfg.kind == ScheduleKind.custom:
         return [p.epochs for p in cfg.phases]
     if cfg.phase_epochs:
-        if len(cfg.phase_epochs) != count:
-            raise ValueError(f"schedule.phase_epochs has {len(cfg.phase_epochs)} entries, but schedule.kind={cfg.kind} has {count} phases on this model")
         return list(cfg.phase_epochs)
-    if epochs < count:
-        raise ValueError(f"train.epochs must be >= {count} (one per phase of schedule.kind={cfg.kind}), got {epochs}")
     base, extra = divmod(epochs, count)
     return [base + (1 if i >= count - extra else 0) for i in range(count)]
 
@@ -124,7 +106,7 @@ def _end_to_end(cfg: ScheduleConfig, stages: List[str]) -> list:
 
 
 def _layerwise(cfg: ScheduleConfig, stages: List[str]) -> list:
-    plans = []
+    plans: list = []
     for k, name in enumerate(stages):
         last = k == len(stages) - 1
         # The top stage trains under the model's own head: its auxiliary head would be the head itself.
@@ -135,7 +117,7 @@ def _layerwise(cfg: ScheduleConfig, stages: List[str]) -> list:
 
 
 def _gradual_unfreeze(cfg: ScheduleConfig, stages: List[str]) -> list:
-    plans = []
+    plans: list = []
     for unfrozen in range(len(stages) + 1):
         top = stages[len(stages) - unfrozen:]
         rates = _decayed(top, cfg.lr_decay)
@@ -148,21 +130,18 @@ def _custom(cfg: ScheduleConfig, stages: List[str]) -> list:
 
 
 def _custom_phase(index: int, phase: PhaseConfig, stages: List[str]) -> tuple:
-    known = set(stages) | {HEAD}
-    if phase.output != HEAD and phase.output not in stages:
-        raise ValueError(f"schedule.phases[{index}].output must be 'head' or one of the stages {stages}, got {phase.output!r}")
+    # check_custom_phase has made sure every name is a stage at or below the output, or HEAD.
     path = stages if phase.output == HEAD else stages[: stages.index(phase.output) + 1]
     named = [*stages, HEAD] if phase.trainable == ["*"] else list(phase.trainable)
-    unknown = [n for n in named if n not in known]
-    if unknown:
-        raise ValueError(f"schedule.phases[{index}].trainable names {unknown}, which are not stages of this model {stages} or 'head'")
-    outside = [n for n in named if n != HEAD and n not in path]
-    if outside:
-        raise ValueError(f"schedule.phases[{index}].trainable has {outside} above its output stage {phase.output!r}")
     top = AUX if phase.output != HEAD else HEAD
     trainable = [n for n in path if n in named] + ([top] if HEAD in named or top == AUX else [])
     rates = {n: phase.lr_scale * phase.stage_lr_scale.get(n, 1.0) for n in trainable}
     return (f"custom:{index}", path, trainable, phase.output, rates)
 
 
-_PLANNERS = {"end_to_end": _end_to_end, "layerwise": _layerwise, "gradual_unfreeze": _gradual_unfreeze, "custom": _custom}
+_PLANNERS = {
+    ScheduleKind.end_to_end: _end_to_end,
+    ScheduleKind.layerwise: _layerwise,
+    ScheduleKind.gradual_unfreeze: _gradual_unfreeze,
+    ScheduleKind.custom: _custom,
+}

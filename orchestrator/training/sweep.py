@@ -13,13 +13,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from orchestrator.config import PipelineConfig, iter_search_space, to_config
 from orchestrator.registry import storage
 from orchestrator.training.checkpoints import is_complete
-from orchestrator.config.schema import PipelineConfig, iter_search_space, with_overrides
 from orchestrator.training.data import DatasetInfo, prepare_dataset, ray_datasets
+from orchestrator.training.loop import TrainResult, build_trainer, read_history
 from orchestrator.training.resume import mark_done, run_name_for
 from orchestrator.training.schedules import schedule_epochs
-from orchestrator.training.loop import TrainResult, build_trainer, read_history
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _run_trial(config: Dict[str, Any], base: PipelineConfig, info: DatasetInfo, 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = with_overrides(base, flatten(config))
+    cfg = to_config(base, flatten(config))
     trainer = build_trainer(
         cfg, info, run_name=trial_id, group=sweep_name, storage_subdir=f"ray_results/{sweep_name}/trials",
         datasets=datasets, callbacks=[TuneReportCallback()],
@@ -133,9 +133,17 @@ def concurrent_trials_that_fit(cfg: PipelineConfig) -> int:
     per_trial = cfg.tune.trial_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
     if fits < 1:
-        raise ValueError(f"one trial needs {per_trial:g} CPUs (scaling.num_workers x scaling.cpus_per_worker + tune.trial_cpus); the cluster has {ray.cluster_resources().get('CPU', 0):g}")
+        raise ValueError(
+            f"one trial needs {per_trial:g} CPUs (scaling.num_workers x scaling.cpus_per_worker + tune.trial_cpus); "
+            f"the cluster has {ray.cluster_resources().get('CPU', 0):g}"
+        )
     if fits < cfg.tune.max_concurrent_trials:
-        log.warning("tune.max_concurrent_trials=%d lowered to %d: that is what %g CPUs hold", cfg.tune.max_concurrent_trials, fits, ray.cluster_resources()["CPU"])
+        log.warning(
+            "tune.max_concurrent_trials=%d lowered to %d: that is what %g CPUs hold",
+            cfg.tune.max_concurrent_trials,
+            fits,
+            ray.cluster_resources()["CPU"],
+        )
     return min(fits, cfg.tune.max_concurrent_trials)
 
 
@@ -156,7 +164,9 @@ def run_sweep(cfg: PipelineConfig, info: Optional[DatasetInfo] = None) -> SweepR
     fs, path = storage.pyarrow_filesystem(storage.join(cfg.storage.root, "ray_results"))
     experiment = f"{path.rstrip('/')}/{name}"
     if cfg.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -172,7 +182,9 @@ def run_sweep(cfg: PipelineConfig, info: Optional[DatasetInfo] = None) -> SweepR
             ),
         )
     result = _summarize(tuner.fit(), cfg, name, info)
-    mark_done(cfg.storage.root, name, {"best_trial": result.best_trial_id, "best_checkpoint": result.best.checkpoint_path})
+    mark_done(
+        cfg.storage.root, name, {"best_trial": result.best_trial_id, "best_checkpoint": result.best.checkpoint_path}
+    )
     return result
 
 
@@ -185,13 +197,25 @@ def _summarize(grid, cfg: PipelineConfig, name: str, info: DatasetInfo) -> Sweep
     best_result, best_row = _best_row(finished, cfg.tune.metric, cfg.tune.mode, cfg.storage.root)
     checkpoint_path = best_row[CHECKPOINT_PATH_KEY]
     best = TrainResult(
-        metrics={"epoch": int(best_row["epoch"]), **{k: float(best_row[k]) for k in ("train_loss", "val_loss", "val_accuracy")}},
-        checkpoint_path=checkpoint_path, history=read_history(cfg.storage.root, checkpoint_path), run_path=best_result.path, data=info,
+        metrics={
+            "epoch": int(best_row["epoch"]),
+            **{k: float(best_row[k]) for k in ("train_loss", "val_loss", "val_accuracy")},
+        },
+        checkpoint_path=checkpoint_path,
+        history=read_history(cfg.storage.root, checkpoint_path),
+        run_path=best_result.path,
+        data=info,
     )
     summary = SweepResult(
-        name=name, best_trial_id=_trial_id(best_result), best_overrides=flatten(best_result.config), best=best, trials=trials,
+        name=name,
+        best_trial_id=_trial_id(best_result),
+        best_overrides=flatten(best_result.config),
+        best=best,
+        trials=trials,
     )
-    summary.plot_url = write_sweep_plot(grid, summary, storage.join(cfg.storage.root, "ray_results", name, "val_accuracy.png"))
+    summary.plot_url = write_sweep_plot(
+        grid, summary, storage.join(cfg.storage.root, "ray_results", name, "val_accuracy.png")
+    )
     return summary
 
 
@@ -219,9 +243,17 @@ def _trial_summary(result, cfg: PipelineConfig) -> TrialSummary:
     if result.error is not None:
         status = f"error: {type(result.error).__name__}"
     else:
-        trial_cfg = with_overrides(cfg, flatten(result.config))
-        status = "completed" if epochs >= schedule_epochs(trial_cfg.schedule, trial_cfg.train.epochs) else "stopped early"
-    return TrialSummary(trial_id=_trial_id(result), overrides=flatten(result.config), epochs_run=epochs, val_accuracy=best, status=status)
+        trial_cfg = to_config(cfg, flatten(result.config))
+        status = (
+            "completed" if epochs >= schedule_epochs(trial_cfg.schedule, trial_cfg.train.epochs) else "stopped early"
+        )
+    return TrialSummary(
+        trial_id=_trial_id(result),
+        overrides=flatten(result.config),
+        epochs_run=epochs,
+        val_accuracy=best,
+        status=status,
+    )
 
 
 def write_sweep_plot(grid, summary: SweepResult, url: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
+from orchestrator.config import TrackingConfig
 from orchestrator.registry import storage
-from orchestrator.config.schema import TrackingConfig
 
 
 class Tracker:
@@ -37,7 +37,9 @@ def tracking_dir(cfg: TrackingConfig, root: str) -> str:
     return storage.filesystem(storage.join(root, "wandb"))[1] if storage.is_local(root) else os.path.abspath("wandb")
 
 
-def start_tracking(cfg: TrackingConfig, root: str, *, name: str, group: str, config: Dict[str, Any], rank: int) -> Tracker:
+def start_tracking(
+    cfg: TrackingConfig, root: str, *, name: str, group: str, config: Dict[str, Any], rank: int
+) -> Tracker:
     """A wandb run for rank 0 when tracking is on; a do-nothing Tracker otherwise.
 
     Under Ray Train V2 `setup_wandb(rank_zero_only=True)` is ignored (every rank makes a run),
@@ -50,7 +52,8 @@ def start_tracking(cfg: TrackingConfig, root: str, *, name: str, group: str, con
     directory = tracking_dir(cfg, root)
     os.makedirs(directory, exist_ok=True)
     run = wandb.init(
-        project=cfg.project, name=name, group=group, config=config, dir=directory, mode=cfg.mode,
+        project=cfg.project, name=name, group=group, config=config, dir=directory,
+        mode=cfg.mode,  # type: ignore[arg-type]  # a str that TrackingConfig checks against wandb's modes
         reinit="create_new", settings=wandb.Settings(silent=True, console="off"),
     )
     return WandbTracker(run)

@@ -18,19 +18,36 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
 
 from cluster.local_cluster import (
-    ClusterSpec, dashboard_get, host_command, kill_node, node_env, ray_nodes, restart_node, start_cluster, stop_cluster,
+    ClusterSpec,
+    dashboard_get,
+    host_command,
+    kill_node,
+    node_env,
+    ray_nodes,
+    restart_node,
+    start_cluster,
+    stop_cluster,
     submit_job,
 )
+from orchestrator.client import http_json
 from orchestrator.training.checkpoints import newest_complete
-from serve.serving import http_json
-from tests.e2e.conftest import REPO, free_port, last_json_line
+from tests.support import REPO, free_port, last_json_line
 
-PIPELINE = ["experiment=smoke", "serve.block=false", "tune.num_samples=1", "tune.search_space.train.lr=[grid,0.01,0.003]", "train.epochs=4"]
+pytestmark = pytest.mark.slow
+
+PIPELINE = [
+    "experiment=smoke",
+    "serve.block=false",
+    "tune.num_samples=1",
+    "tune.search_space.train.lr=[grid,0.01,0.003]",
+    "train.epochs=4",
+]
 KILLS = 3
 
 
@@ -98,15 +115,27 @@ def test_submitted_pipeline_spanned_the_nodes(cluster, submitted_pipeline):
     job = dashboard_get(cluster, f"/api/jobs/{submission}")
     names = {row["node_id"]: row["name"] for row in ray_nodes(cluster)}
     assert names[job["driver_node_id"]] == "head"
-    train_nodes = [names[actor["node_id"]] for actor in _actors(cluster, "RayTrainWorker") if actor["job_id"] == job["job_id"]]
+    train_nodes = [
+        names[actor["node_id"]] for actor in _actors(cluster, "RayTrainWorker") if actor["job_id"] == job["job_id"]
+    ]
     print("training workers per node:", {name: train_nodes.count(name) for name in set(train_nodes)})
     assert len(train_nodes) >= 4 and set(train_nodes) <= {"worker1", "worker2"}  # 2 trials x 2 workers
 
 
 def test_driver_on_the_head_joins_through_ray_address(cluster, submitted_pipeline):
     _, root, _, _ = submitted_pipeline
-    argv = [sys.executable, "-m", "jobs.train", "experiment=smoke", f"storage.root=file://{root}", "train.epochs=2", "train.lr=0.01"]
-    proc = subprocess.run(host_command(cluster, argv), env=node_env(cluster), cwd=REPO, capture_output=True, text=True, timeout=300)
+    argv = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "experiment=smoke",
+        f"storage.root=file://{root}",
+        "train.epochs=2",
+        "train.lr=0.01",
+    ]
+    proc = subprocess.run(
+        host_command(cluster, argv), env=node_env(cluster), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # It joined this cluster (whose dashboard it names), not an embedded Ray of its own.
     assert "Connected to Ray cluster" in proc.stderr and cluster.dashboard_url.split("//")[1] in proc.stderr
@@ -115,14 +144,29 @@ def test_driver_on_the_head_joins_through_ray_address(cluster, submitted_pipelin
     assert summary["version"] == 2 and summary["epochs_trained"] == 2
 
 
+@pytest.mark.faults
 def test_training_survives_worker_hosts_killed_mid_training(cluster, tmp_path):
     """SIGKILL the whole worker node that hosts training workers (host loss) at a random point of the
     run, then bring the node back; three times in one run."""
     epochs = 30
     submission = f"train-kills-{cluster.name}"
     # Small batches make an epoch about 0.3 s here, so 30 epochs outlast three kills and restarts.
-    proc = submit_job(cluster, ["python", "-m", "jobs.train", "experiment=smoke", f"storage.root=file://{tmp_path}", f"train.epochs={epochs}",
-                                "train.batch_size=8", "train.lr=0.01", f"train.max_failures={KILLS}"], submission_id=submission, wait=False)
+    proc = submit_job(
+        cluster,
+        [
+            "python",
+            "-m",
+            "jobs.train",
+            "experiment=smoke",
+            f"storage.root=file://{tmp_path}",
+            f"train.epochs={epochs}",
+            "train.batch_size=8",
+            "train.lr=0.01",
+            f"train.max_failures={KILLS}",
+        ],
+        submission_id=submission,
+        wait=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kills = _kill_while_training(cluster, submission, str(tmp_path), random.Random())
     job = _wait_for_job(cluster, submission, timeout=600)
@@ -142,7 +186,7 @@ def _kill_while_training(cluster, submission: str, root: str, rng: random.Random
     """Kill a worker host running training workers 1 to 3 epochs after the newest complete checkpoint at
     the last kill (so the run has restarted and trains again), at a random moment inside that epoch;
     restart the node each time. Counting in epochs keeps three kills inside the run however fast it is."""
-    kills = []
+    kills: List[dict] = []
     started = time.time()
     target = rng.randint(1, 3)
     while len(kills) < KILLS and time.time() < started + 500:
@@ -158,7 +202,9 @@ def _kill_while_training(cluster, submission: str, root: str, rng: random.Random
         node = rng.choice(hosts)
         on_disk = _newest_epoch(root) or 0  # read just before the kill: what a restart may resume from
         killed = kill_node(cluster, node)
-        kills.append({"node": node, "epoch_on_disk": on_disk, "pids": len(killed), "at_s": round(time.time() - started, 1)})
+        kills.append(
+            {"node": node, "epoch_on_disk": on_disk, "pids": len(killed), "at_s": round(time.time() - started, 1)}
+        )
         restart_node(cluster, node)
         target = on_disk + rng.randint(1, 3)
     return kills
@@ -170,7 +216,9 @@ def _training_hosts(cluster) -> list:
 
 
 def _actors(cluster, class_name: str) -> list:
-    path = f"/api/v0/actors?detail=1&limit=10000&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
+    path = (
+        f"/api/v0/actors?detail=1&limit=10000&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
+    )
     return dashboard_get(cluster, path)["data"]["result"]["result"]
 
 

@@ -4,10 +4,13 @@ RayService serves exactly the config `python -m jobs.deploy serve.write_config=.
 import shlex
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import yaml
 
 from orchestrator.kuberay.manifests import validate_manifest
-from tests.e2e.conftest import last_json_line, run_job
+from tests.support import last_json_line, run_job
+
+pytestmark = pytest.mark.slow
 
 OVERRIDES = ["storage.root=s3://bucket/runs", "serve.host=0.0.0.0", "serve.port=8080", "model=cnn",
              "scaling.num_workers=4", "tune.search_space.train.lr=[loguniform,0.001,0.03]"]

@@ -10,7 +10,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import REPO, free_port, job_env, last_json_line, run_job
+from tests.support import REPO, free_port, job_env, last_json_line, run_job
+
+pytestmark = pytest.mark.slow
 
 
 def _post(url: str, body: dict, key: str = "") -> tuple:
@@ -29,8 +31,16 @@ def pipeline_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     port = free_port()
     started = time.time()
-    proc = run_job("pipeline", "experiment=smoke", "serve.block=false", f"serve.port={port}", f"storage.root=file://{root}",
-                   "tune.num_samples=1", "tune.search_space.train.lr=[grid,0.01,0.003,0.00001,0.00001]", "train.epochs=4")
+    proc = run_job(
+        "pipeline",
+        "experiment=smoke",
+        "serve.block=false",
+        f"serve.port={port}",
+        f"storage.root=file://{root}",
+        "tune.num_samples=1",
+        "tune.search_space.train.lr=[grid,0.01,0.003,0.00001,0.00001]",
+        "train.epochs=4",
+    )
     return proc, root, port, time.time() - started
 
 
@@ -71,7 +81,9 @@ def test_deploy_job_serves_an_alias_until_interrupted(pipeline_run):
                             stderr=subprocess.STDOUT, text=True)
     try:
         summary = _wait_for_json(proc, timeout=240)
-        assert summary["version"] == json.loads((root / "registry" / "digits" / "aliases.json").read_text())["production"]
+        assert (
+            summary["version"] == json.loads((root / "registry" / "digits" / "aliases.json").read_text())["production"]
+        )
         x = np.zeros((2, 64), dtype=np.float32)
         body = {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
         assert _post(f"{summary['endpoint']}/infer", body)[0] == 401  # keys are on by default
@@ -117,5 +129,20 @@ def test_bad_override_fails_before_ray_starts(override, field, tmp_path):
     assert proc.returncode != 0
     assert field in proc.stderr + proc.stdout
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "datasets").exists()
+    assert time.time() - started < 60
+
+
+@pytest.mark.parametrize("override, named, known", [
+    ("experiment=smok", "experiment/smok", "smoke"),  # a misspelt option: Hydra lists the group's options
+    ("+foo=bar", "foo is not a config key", "the top-level keys are data, model"),  # an unknown key
+])
+def test_a_mistyped_option_or_key_fails_before_ray_starts_naming_what_exists(override, named, known, tmp_path):
+    started = time.time()
+    proc = run_job("pipeline", override, f"storage.root=file://{tmp_path}", timeout=120)
+    output = proc.stderr + proc.stdout
+    assert proc.returncode != 0
+    assert named in output and known in output
+    assert "Started a local Ray instance" not in output
     assert not (tmp_path / "datasets").exists()
     assert time.time() - started < 60

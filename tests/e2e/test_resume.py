@@ -15,10 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from orchestrator.training.checkpoints import complete_checkpoints
-from orchestrator.training.resume import DONE_FILE
 from orchestrator.training.loop import read_history
-from tests.e2e.conftest import REPO, job_env, last_json_line, run_job
+from orchestrator.training.resume import DONE_FILE
+from tests.support import REPO, job_env, last_json_line, newest_epochs, run_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 EPOCHS = 12
 KILLS = 3
@@ -26,11 +30,6 @@ KILLS = 3
 SWEEP = ["tracking=off", "model.hidden=[256,128]", f"train.epochs={EPOCHS}", "train.batch_size=16", "train.lr=0.003",
          "tune=fifo", "tune.num_samples=1", "tune.search_space.train.lr=[grid,0.002,0.004]",
          "~tune.search_space.train.batch_size", "~tune.search_space.model.hidden"]
-
-
-def _newest(root: Path, pattern: str) -> dict:
-    """{run folder: newest complete epoch} for the run folders matching `pattern`."""
-    return {run: max((c.epoch for c in complete_checkpoints(f"file://{root}", str(run))), default=0) for run in root.glob(pattern)}
 
 
 def _session_pids(sid: int) -> list:
@@ -70,12 +69,12 @@ def _kill_job_after(args: list, root: Path, pattern: str, epochs: int) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while sum(_newest(root, pattern).values()) < epochs:
+        while sum(newest_epochs(root, pattern).values()) < epochs:
             assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before the kill"
             assert time.monotonic() < deadline, "no progress within 300 s"
             time.sleep(0.05)
         time.sleep(random.uniform(0.0, 0.4))
-        at_kill = _newest(root, pattern)
+        at_kill = newest_epochs(root, pattern)
     finally:
         _kill_session(proc.pid)
         proc.wait(30)
@@ -88,7 +87,9 @@ def _kill_three_times(job: list, root: Path, pattern: str) -> list:
     1-2 more complete epochs than the last kill left. The newest epochs at each kill."""
     kills, done = [], 0
     for attempt in range(KILLS):
-        at_kill = _kill_job_after([*job, *(["resume=true"] if attempt else [])], root, pattern, epochs=done + random.randint(1, 2))
+        at_kill = _kill_job_after(
+            [*job, *(["resume=true"] if attempt else [])], root, pattern, epochs=done + random.randint(1, 2)
+        )
         done = sum(at_kill.values())
         kills.append(at_kill)
     return kills
@@ -114,4 +115,7 @@ def test_sweep_resumes_after_driver_and_head_loss(tmp_path):
         assert steps == [steps[0] * e for e in range(1, EPOCHS + 1)], f"steps lost or repeated: {steps}"
         if 0 < newest < EPOCHS:
             assert history[-1]["restored_epoch"] >= newest, (run.name, newest, history[-1]["restored_epoch"])
-    print(f"\nsweep driver loss x{KILLS}: newest complete epoch per trial at each kill {[sorted(k.values()) for k in kills]}")
+    print(
+        f"\nsweep driver loss x{KILLS}: newest complete epoch per trial at each kill "
+        f"{[sorted(k.values()) for k in kills]}"
+    )

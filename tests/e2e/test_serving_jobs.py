@@ -5,15 +5,24 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from tests.e2e.conftest import REPO, job_env, last_json_line, run_job
+from tests.support import REPO, job_env, last_json_line, run_job
+
+pytestmark = pytest.mark.slow
 
 
 def keys(root, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.keys", "--root", f"file://{root}", *args], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.keys", "--root", f"file://{root}", *args],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_keys_command_creates_lists_and_revokes(tmp_path):

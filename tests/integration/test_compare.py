@@ -3,18 +3,29 @@
 import csv
 import io
 
+import pytest
+
+from orchestrator.config import CompareConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
 from orchestrator.registry import storage
 from orchestrator.training.compare import run_compare
-from orchestrator.config.schema import CompareConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
+
+pytestmark = pytest.mark.slow
 
 
 def test_compare_writes_table_and_plot_with_honest_compute(ray_cluster, tmp_path):
     cfg = PipelineConfig(
-        storage=StorageConfig(root=f"file://{tmp_path}"), tracking=TrackingConfig(enabled=False), train=TrainConfig(epochs=3),
+        storage=StorageConfig(root=f"file://{tmp_path}"),
+        tracking=TrackingConfig(enabled=False),
+        train=TrainConfig(epochs=3),
         compare=CompareConfig(schedules=["end_to_end", "gradual_unfreeze"], seeds=[0, 1]),
     )
     result = run_compare(cfg)
-    assert [(r["schedule"], r["seed"]) for r in result.runs] == [("end_to_end", 0), ("end_to_end", 1), ("gradual_unfreeze", 0), ("gradual_unfreeze", 1)]
+    assert [(r["schedule"], r["seed"]) for r in result.runs] == [
+        ("end_to_end", 0),
+        ("end_to_end", 1),
+        ("gradual_unfreeze", 0),
+        ("gradual_unfreeze", 1),
+    ]
     assert all(len(r["history"]) == 3 for r in result.runs)
     by_kind = {row["schedule"]: row for row in result.rows}
     assert by_kind["end_to_end"]["gflops_vs_end_to_end"] == 1.0

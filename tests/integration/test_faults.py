@@ -15,10 +15,14 @@ import time
 from pathlib import Path
 from typing import Callable, List
 
-from orchestrator.training.checkpoints import complete_checkpoints
-from orchestrator.config.schema import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
-from orchestrator.training.sweep import run_sweep
+import pytest
+
+from orchestrator.config import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
 from orchestrator.training.loop import run_train
+from orchestrator.training.sweep import run_sweep
+from tests.support import newest_epochs, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 KILLS = 3
 EPOCHS = 10
@@ -28,29 +32,27 @@ def _cfg(tmp_path: Path, epochs: int = EPOCHS, **kw) -> PipelineConfig:
     # batch 16 over 2 workers, 1024-wide layers: ~90 steps per worker per epoch, about half a second:
     # long enough to land kills mid-epoch.
     return PipelineConfig(
-        storage=StorageConfig(root=f"file://{tmp_path}"), tracking=TrackingConfig(enabled=False),
-        model=ModelConfig(hidden=[1024, 1024]), train=TrainConfig(epochs=epochs, batch_size=16, lr=0.003, max_failures=KILLS + 1), **kw,
+        storage=StorageConfig(root=f"file://{tmp_path}"),
+        tracking=TrackingConfig(enabled=False),
+        model=ModelConfig(hidden=[1024, 1024]),
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=0.003, max_failures=KILLS + 1),
+        **kw,
     )
 
 
 def _alive_pids(match: Callable[[str], bool]) -> List[int]:
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000) if match(a.class_name) and a.pid]
+    return [
+        a.pid
+        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+        if match(a.class_name) and a.pid
+    ]
 
 
 def _newest_epoch(root: Path, pattern: str) -> int:
     """Progress: the newest complete checkpoint's epoch, summed over the run folders matching `pattern`."""
-    newest = [max((c.epoch for c in complete_checkpoints(f"file://{root}", str(run))), default=0) for run in root.glob(pattern)]
-    return sum(newest)
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s} s for {what}")
-        time.sleep(0.05)
+    return sum(newest_epochs(root, pattern).values())
 
 
 class _Background:
@@ -78,23 +80,27 @@ class _Background:
         return self.value
 
 
-def _kill_at_random_steps(job: _Background, rng: random.Random, newest: Callable[[], int], pids: Callable[[], List[int]]) -> List[dict]:
+def _kill_at_random_steps(
+    job: _Background, rng: random.Random, newest: Callable[[], int], pids: Callable[[], List[int]]
+) -> List[dict]:
     """SIGKILL one process from `pids()` KILLS times, each after a random number of complete epochs
     plus a random part of the next; waits for progress past the restore point between kills."""
     kills = []
     for _ in range(KILLS):
         target = newest() + rng.randint(1, 2)
-        _wait_for(lambda: newest() >= target or not job.alive(), 240, f"a complete checkpoint of epoch {target}")
+        # (noqa B023: wait_for calls the condition before the loop moves on, so it sees this iteration's value)
+        what = f"a complete checkpoint of epoch {target}"
+        wait_for(lambda: newest() >= target or not job.alive(), 240, what)  # noqa: B023
         assert job.alive(), "the run ended before every kill landed: make it longer"
         time.sleep(rng.uniform(0.05, 0.4))  # somewhere inside the next epoch
-        _wait_for(lambda: bool(pids()) or not job.alive(), 30, "a live process to kill")  # the state API lags a little
+        wait_for(lambda: bool(pids()) or not job.alive(), 30, "a live process to kill")  # the state API lags a little
         victims = pids()
         assert victims and job.alive(), "the run ended before every kill landed: make it longer"
         before = newest()
         os.kill(rng.choice(victims), signal.SIGKILL)
         kills.append({"newest_complete_at_kill": before, "at": time.monotonic()})
         # The restarted run must get past the restore point before the next kill.
-        _wait_for(lambda: newest() > before or not job.alive(), 240, "progress after the restart")
+        wait_for(lambda: newest() > before or not job.alive(), 240, "progress after the restart")  # noqa: B023
     return kills
 
 
@@ -115,7 +121,10 @@ def test_sigkilled_training_workers_cost_at_most_the_running_epoch(ray_cluster, 
         # Resumed from the newest complete checkpoint at the kill (or one that completed as it landed).
         assert kill["newest_complete_at_kill"] <= restored <= kill["newest_complete_at_kill"] + 1, (kill, restores)
     assert result.metrics["val_accuracy"] > 0.9
-    print(f"\nworker kills: {[k['newest_complete_at_kill'] for k in kills]} newest complete at kill, resumed from {restores}")
+    print(
+        f"\nworker kills: {[k['newest_complete_at_kill'] for k in kills]} newest complete at kill, "
+        f"resumed from {restores}"
+    )
 
 
 def _is_trial(class_name: str) -> bool:

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from orchestrator.config.schema import ParallelConfig, PipelineConfig, ScalingConfig, ScheduleConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.config import (
+    ParallelConfig,
+    PipelineConfig,
+    ScalingConfig,
+    ScheduleConfig,
+    StorageConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from orchestrator.training.loop import run_train
 
 pytestmark = [
@@ -16,9 +24,12 @@ pytestmark = [
 def test_nccl_plans_train_on_gpu(ray_cluster, tmp_path, strategy, schedule):
     workers = min(2, torch.cuda.device_count())
     cfg = PipelineConfig(
-        storage=StorageConfig(root=f"file://{tmp_path}"), tracking=TrackingConfig(enabled=False),
-        train=TrainConfig(epochs=6), schedule=ScheduleConfig(kind=schedule),
-        parallel=ParallelConfig(strategy=strategy, backend="nccl"), scaling=ScalingConfig(num_workers=workers, use_gpu=True),
+        storage=StorageConfig(root=f"file://{tmp_path}"),
+        tracking=TrackingConfig(enabled=False),
+        train=TrainConfig(epochs=6),
+        schedule=ScheduleConfig(kind=schedule),
+        parallel=ParallelConfig(strategy=strategy, backend="nccl"),
+        scaling=ScalingConfig(num_workers=workers, use_gpu=True),
     )
     result = run_train(cfg)
     assert result.metrics["val_accuracy"] > 0.85

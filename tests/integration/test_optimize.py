@@ -10,20 +10,29 @@ import torch
 from ray import serve
 from ray.data.dataset import MaterializedDataset
 
-from orchestrator.config.schema import (
-    DistillConfig, ModelConfig, OptimizeConfig, PipelineConfig, PruneConfig, ScalingConfig, ServeConfig, StorageConfig,
-    TrackingConfig, to_dict,
+from orchestrator.config import (
+    DistillConfig,
+    ModelConfig,
+    OptimizeConfig,
+    PipelineConfig,
+    PruneConfig,
+    ScalingConfig,
+    ServeConfig,
+    StorageConfig,
+    TrackingConfig,
+    to_dict,
 )
-from orchestrator.training.data import load_split, prepare_dataset
-from orchestrator.training.models import build_model
 from orchestrator.optimize.distill import teacher_datasets
 from orchestrator.optimize.gate import accuracy, predict_labels
 from orchestrator.optimize.prune import apply_masks, l1_masks
 from orchestrator.optimize.run import run_optimize
 from orchestrator.registry.store import ModelRegistry, signature_for
-from serve.serving import run_deploy
-from tests.e2e.conftest import last_json_line, run_job
-from tests.integration.serving_support import fit, free_port
+from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.training.models import build_model
+from serve.deploy import run_deploy
+from tests.support import fit, free_port, last_json_line, run_job
+
+pytestmark = pytest.mark.slow
 
 MODEL = "digits"
 SPARSITY = 0.5
@@ -58,7 +67,9 @@ def parent(tmp_path_factory):
 def compressed(ray_cluster, parent):
     """One optimize run: int8_dynamic, both prunings (2 fine-tune epochs each) and a distilled student."""
     optimize = OptimizeConfig(
-        methods=["int8_dynamic", "prune_unstructured", "prune_structured", "distill"], tolerance=TOLERANCE, latency_repeats=5,
+        methods=["int8_dynamic", "prune_unstructured", "prune_structured", "distill"],
+        tolerance=TOLERANCE,
+        latency_repeats=5,
         prune=PruneConfig(sparsity=SPARSITY, finetune_epochs=2, lr=0.001),
         distill=DistillConfig(student={"hidden": [32]}, epochs=15, lr=0.01, temperature=4.0, alpha=0.7),
     )
@@ -131,7 +142,9 @@ def test_int8_variant_served_over_http_answers_like_its_parent(parent, compresse
     try:
         assert deployed.version == found.version.version
         rows = parent.val_x
-        body = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}]}
+        body = {
+            "inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}]
+        }
         headers = {"Authorization": f"Bearer {deployed.api_key}"} if deployed.api_key else {}
         response = requests.post(f"{deployed.endpoint}/infer", json=body, headers=headers, timeout=60)
         assert response.status_code == 200, response.text
@@ -141,7 +154,9 @@ def test_int8_variant_served_over_http_answers_like_its_parent(parent, compresse
         serve.shutdown()
     parent_labels = predict_labels(parent.version.manifest, parent.arrays, rows)
     assert (served == parent_labels).mean() >= 0.99
-    assert accuracy(parent.version.manifest, parent.arrays, rows, parent.val_y) - (served == parent.val_y).mean() <= 0.01
+    assert (
+        accuracy(parent.version.manifest, parent.arrays, rows, parent.val_y) - (served == parent.val_y).mean() <= 0.01
+    )
 
 
 def _float_model(parent) -> torch.nn.Module:

@@ -19,16 +19,28 @@ import pytest
 import torch
 from ray import serve
 
-from orchestrator.registry import storage
-from orchestrator.config.schema import DataConfig, ModelConfig, PipelineConfig, ServeConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
-from orchestrator.training.data import load_split, prepare_dataset, ray_datasets
+from orchestrator.config import (
+    DataConfig,
+    ModelConfig,
+    PipelineConfig,
+    ServeConfig,
+    StorageConfig,
+    TrackingConfig,
+    TrainConfig,
+    TuneConfig,
+)
 from orchestrator.flows import register_run
-from orchestrator.registry.store import MANIFEST, MANIFEST_SUM, WEIGHTS, ModelRegistry
+from orchestrator.registry import storage
 from orchestrator.registry.servable import build_servable
-from serve.serving import run_deploy
-from orchestrator.training.sweep import run_sweep
+from orchestrator.registry.store import MANIFEST, MANIFEST_SUM, WEIGHTS, ModelRegistry
+from orchestrator.training.data import load_split, prepare_dataset, ray_datasets
 from orchestrator.training.loop import HISTORY_FILE, STATE_FILE, checkpoint_weights, run_train
-from tests.integration.serving_support import client, digits, free_port, infer_body
+from orchestrator.training.sweep import run_sweep
+from serve.deploy import run_deploy
+from tests.integration.serving_support import client, digits
+from tests.support import free_port, infer_body
+
+pytestmark = pytest.mark.slow
 
 MODEL = "digits"
 
@@ -90,7 +102,9 @@ def test_parquet_source_is_prepared_on_s3_and_reads_back_row_for_row(s3, prepare
     train_x, train_y = load_split(info, "train")
     val_x, val_y = load_split(info, "val")
     assert (len(train_y), len(val_y)) == (info.num_train, info.num_val)
-    np.testing.assert_array_equal(sorted_rows(np.vstack([train_x, val_x]), np.concatenate([train_y, val_y])), sorted_rows(s3.x, s3.y))
+    np.testing.assert_array_equal(
+        sorted_rows(np.vstack([train_x, val_x]), np.concatenate([train_y, val_y])), sorted_rows(s3.x, s3.y)
+    )
     # What Ray Data's read tasks (other processes) streamed from the bucket is the same split, in the same order.
     rows = prepared.datasets["train"].take_all()
     np.testing.assert_array_equal(np.stack([r["x"] for r in rows]), train_x)
@@ -103,7 +117,9 @@ def test_checkpoints_land_in_the_bucket_and_the_registered_weights_match(s3, tra
     result, version = trained.result, trained.version
     run_key = key_of(result.run_path)
     assert run_key.startswith(f"{s3.prefix}/ray_results/")
-    assert [h["epoch"] for h in result.history] == list(range(1, result.metrics["epoch"] + 1)) and result.metrics["epoch"] <= 2
+    assert [h["epoch"] for h in result.history] == list(range(1, result.metrics["epoch"] + 1)) and result.metrics[
+        "epoch"
+    ] <= 2
     checkpoint_key = key_of(result.checkpoint_path)
     keys = set(s3.server.keys(run_key))
     assert {f"{checkpoint_key}/{STATE_FILE}", f"{checkpoint_key}/{HISTORY_FILE}"} <= keys
@@ -127,7 +143,9 @@ def test_sweep_keeps_trials_state_and_plot_in_the_bucket(s3, prepared):
         num_samples=1, scheduler="fifo", search_space={"train": {"lr": ["grid", 0.01, 0.003]}}))
     sweep = run_sweep(cfg, prepared.info)
     assert sorted(t.overrides["train.lr"] for t in sweep.trials) == [0.003, 0.01]
-    assert [t.status for t in sweep.trials] == ["completed", "completed"] and all(t.epochs_run == 2 for t in sweep.trials)
+    assert [t.status for t in sweep.trials] == ["completed", "completed"] and all(
+        t.epochs_run == 2 for t in sweep.trials
+    )
     sweep_key = f"{s3.prefix}/ray_results/{sweep.name}"
     keys = s3.server.keys(sweep_key + "/")
     assert key_of(sweep.best.checkpoint_path).startswith(sweep_key + "/")
@@ -171,8 +189,14 @@ def test_deployment_sees_a_version_registered_after_it_started(s3, prepared, dep
     # cached there would answer 404.
     registry = ModelRegistry(s3.cfg.storage.root)
     v1, weights = registry.load(MODEL, 1)
-    registry.register(MODEL, {name: -array for name, array in weights.items()}, metrics={}, config=v1.manifest["config"],
-                      lineage={"source": "s3 test"}, signature=v1.signature)
+    registry.register(
+        MODEL,
+        {name: -array for name, array in weights.items()},
+        metrics={},
+        config=v1.manifest["config"],
+        lineage={"source": "s3 test"},
+        signature=v1.signature,
+    )
     rows = load_split(prepared.info, "val")[0][:50]
     version, labels, _ = served(deployed, "/versions/2/infer", rows)
     assert version == "2"

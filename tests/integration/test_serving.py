@@ -19,16 +19,18 @@ from hypothesis import strategies as st
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from serve.auth import KeyStore, keys_url
-from orchestrator.config.schema import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, with_overrides
-from orchestrator.training.models import build_model
+from orchestrator.client import check_endpoint
+from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, to_config
 from orchestrator.registry.store import WEIGHTS, IntegrityError, ModelRegistry, RegistryError
-from serve.serving import (
-    CONTROLLER_DEPLOYMENT, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, NAMESPACE, build_app, check_endpoint, model_id, run_deploy,
-    serve_config, weights_holder_name,
-)
-from serve.app import app_builder
-from tests.integration.serving_support import INPUT_SHAPE, MODEL, digits, fit, free_port, infer_body, register
+from orchestrator.training.models import build_model
+from serve.app import app_builder, build_app
+from serve.auth import KeyStore, keys_url
+from serve.config_file import serve_config
+from serve.deploy import run_deploy
+from serve.names import CONTROLLER_DEPLOYMENT, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, NAMESPACE, model_id
+from serve.weights import weights_holder_name
+from tests.integration.serving_support import INPUT_SHAPE, MODEL, digits, register
+from tests.support import fit, free_port, infer_body
 
 MAX_ROWS = 500
 APP = ServeConfig().app_name
@@ -52,7 +54,9 @@ def trained(tmp_path_factory):
         models.append(model)
     with torch.no_grad():
         expected = [m(torch.from_numpy(x[1400:])).argmax(dim=1).numpy() for m in models]
-    assert float((expected[0] == y[1400:]).mean()) > 0.85, "the test model must be good enough for label agreement to mean something"
+    assert float((expected[0] == y[1400:]).mean()) > 0.85, (
+        "the test model must be good enough for label agreement to mean something"
+    )
     register(cfg, models[0], alias="production")
     register(cfg, models[1])
     register(cfg, models[1], name="other_digits")
@@ -83,7 +87,9 @@ def auth(key) -> dict:
 
 
 def post_infer(deployed, rows, *, url=None, **extra) -> requests.Response:
-    return requests.post(url or f"{deployed.endpoint}/infer", json=infer_body(rows, **extra), headers=auth(deployed.api_key), timeout=60)
+    return requests.post(
+        url or f"{deployed.endpoint}/infer", json=infer_body(rows, **extra), headers=auth(deployed.api_key), timeout=60
+    )
 
 
 def test_deploy_result_names_the_resolved_version_and_a_key(deployed, trained):
@@ -104,13 +110,22 @@ def test_health_is_open_and_metadata_needs_a_key(deployed):
     assert requests.get(deployed.endpoint, timeout=10).status_code == 401
     metadata = requests.get(deployed.endpoint, headers=auth(deployed.api_key), timeout=10).json()
     assert metadata == {
-        "name": MODEL, "versions": ["1"], "platform": "pytorch",
+        "name": MODEL,
+        "versions": ["1"],
+        "platform": "pytorch",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
-        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}, {"name": "label", "datatype": "INT64", "shape": [-1]}],
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+            {"name": "label", "datatype": "INT64", "shape": [-1]},
+        ],
     }
-    assert requests.get(f"{deployed.endpoint}/versions/1", headers=auth(deployed.api_key), timeout=10).json() == metadata
+    assert (
+        requests.get(f"{deployed.endpoint}/versions/1", headers=auth(deployed.api_key), timeout=10).json() == metadata
+    )
     assert requests.get(f"{deployed.endpoint}/ready", headers=auth(deployed.api_key), timeout=10).status_code == 200
-    assert requests.get(f"{deployed.endpoint}/versions/9", headers=auth(deployed.api_key), timeout=10).status_code == 404
+    assert (
+        requests.get(f"{deployed.endpoint}/versions/9", headers=auth(deployed.api_key), timeout=10).status_code == 404
+    )
 
 
 def test_infer_matches_the_in_process_model(deployed, trained):
@@ -129,9 +144,15 @@ def test_infer_matches_the_in_process_model(deployed, trained):
 def test_versions_and_aliases_are_routed_to_their_own_weights(deployed, trained):
     rows = trained.val_x[:3].reshape(3, *INPUT_SHAPE)
     body = {"inputs": [{"name": "input", "shape": [3, *INPUT_SHAPE], "datatype": "FP32", "data": rows.tolist()}]}
-    for ref, version, expected in (("1", "1", trained.expected), ("production", "1", trained.expected), ("2", "2", trained.expected_v2),
-                                   ("latest", "2", trained.expected_v2)):
-        response = requests.post(f"{deployed.endpoint}/versions/{ref}/infer", json=body, headers=auth(deployed.api_key), timeout=30)
+    for ref, version, expected in (
+        ("1", "1", trained.expected),
+        ("production", "1", trained.expected),
+        ("2", "2", trained.expected_v2),
+        ("latest", "2", trained.expected_v2),
+    ):
+        response = requests.post(
+            f"{deployed.endpoint}/versions/{ref}/infer", json=body, headers=auth(deployed.api_key), timeout=30
+        )
         assert response.status_code == 200, response.text
         assert response.headers["X-Model-Version"] == version and response.json()["model_version"] == version
         assert response.json()["outputs"][1]["data"] == expected[:3].tolist(), ref
@@ -145,7 +166,11 @@ def test_a_second_model_shares_the_model_replicas(deployed, trained):
     assert response.headers["X-Model-Name"] == "other_digits" and response.headers["X-Model-Version"] == "1"
     assert response.json()["outputs"][1]["data"] == trained.expected_v2[:4].tolist()
     # N models are not N deployments: the same three deployments serve both.
-    assert set(serve.status().applications[APP].deployments) == {INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, CONTROLLER_DEPLOYMENT}
+    assert set(serve.status().applications[APP].deployments) == {
+        INGRESS_DEPLOYMENT,
+        MODEL_DEPLOYMENT,
+        CONTROLLER_DEPLOYMENT,
+    }
 
 
 def test_concurrent_requests_get_their_own_rows_back(deployed, trained):
@@ -175,12 +200,18 @@ def test_auth_matrix(deployed, keys):
     admin = f"{deployed.base_url}/admin/models/{MODEL}/rollout"
     body = infer_body(np.zeros((1, 64), np.float32))
     cases = [
-        ("no key", "POST", infer, None, 401), ("no key on admin", "GET", admin, None, 401),
-        ("bad key", "POST", infer, "orc_00000000_notakey", 401), ("garbage key", "POST", infer, "hunter2", 401),
-        ("revoked key", "POST", infer, keys.revoked, 401), ("revoked key on admin", "GET", admin, keys.revoked, 401),
-        ("infer key", "POST", infer, keys.infer, 200), ("infer key on admin", "GET", admin, keys.infer, 403),
-        ("admin-only key on infer", "POST", infer, keys.admin, 403), ("admin key", "GET", admin, keys.admin, 200),
-        ("deploy key on infer", "POST", infer, keys.deploy, 200), ("deploy key on admin", "GET", admin, keys.deploy, 200),
+        ("no key", "POST", infer, None, 401),
+        ("no key on admin", "GET", admin, None, 401),
+        ("bad key", "POST", infer, "orc_00000000_notakey", 401),
+        ("garbage key", "POST", infer, "hunter2", 401),
+        ("revoked key", "POST", infer, keys.revoked, 401),
+        ("revoked key on admin", "GET", admin, keys.revoked, 401),
+        ("infer key", "POST", infer, keys.infer, 200),
+        ("infer key on admin", "GET", admin, keys.infer, 403),
+        ("admin-only key on infer", "POST", infer, keys.admin, 403),
+        ("admin key", "GET", admin, keys.admin, 200),
+        ("deploy key on infer", "POST", infer, keys.deploy, 200),
+        ("deploy key on admin", "GET", admin, keys.deploy, 200),
     ]
     for kind, method, url, key, status in cases:
         response = requests.request(method, url, json=body if method == "POST" else None, headers=auth(key), timeout=30)
@@ -202,7 +233,7 @@ def bad_requests(endpoint: str, base: str, max_body: int):
         return json.dumps({"inputs": [{**one, **changes}]})
 
     def raw_input(data: str):  # JSON the standard library would not write (NaN, Infinity)
-        return '{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [%s]}]}' % data
+        return '{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [' + data + "]}]}"
 
     admin = f"{base}/admin/models/{MODEL}"
     return [
@@ -274,8 +305,12 @@ json_values = st.recursive(
 )
 numbers = st.one_of(st.integers(-10**40, 10**40), st.floats(allow_nan=False, allow_infinity=False))
 tensors = st.fixed_dictionaries(
-    {"name": st.one_of(st.just("input"), st.text(max_size=4)), "datatype": st.sampled_from(["FP32", "FP64", "INT64", "fp32", ""]),
-     "shape": st.lists(st.integers(-2, 70), max_size=4), "data": st.one_of(st.lists(numbers, max_size=130), json_values)},
+    {
+        "name": st.one_of(st.just("input"), st.text(max_size=4)),
+        "datatype": st.sampled_from(["FP32", "FP64", "INT64", "fp32", ""]),
+        "shape": st.lists(st.integers(-2, 70), max_size=4),
+        "data": st.one_of(st.lists(numbers, max_size=130), json_values),
+    },
     optional={"parameters": json_values},
 )
 bodies = st.one_of(json_values, st.fixed_dictionaries({"inputs": st.one_of(st.lists(tensors, max_size=2), json_values)},
@@ -285,15 +320,21 @@ bodies = st.one_of(json_values, st.fixed_dictionaries({"inputs": st.one_of(st.li
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=bodies)
 def test_fuzzed_infer_bodies_never_get_a_5xx(deployed, body):
-    response = requests.post(f"{deployed.endpoint}/infer", data=json.dumps(body), headers=auth(deployed.api_key), timeout=30)
+    response = requests.post(
+        f"{deployed.endpoint}/infer", data=json.dumps(body), headers=auth(deployed.api_key), timeout=30
+    )
     assert response.status_code < 500, response.text
     assert response.status_code == 200 or response.json()["error"]
 
 
 def test_replicas_share_one_weights_copy(deployed):
-    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP).options(multiplexed_model_id=model_id(MODEL, 1))
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP).options(
+        multiplexed_model_id=model_id(MODEL, 1)
+    )
     infos = {}
-    for _ in range(5):  # bursts of held calls: the router keeps a model's calls on a replica that has it until it is full
+    for _ in range(
+        5
+    ):  # bursts of held calls: the router keeps a model's calls on a replica that has it until it is full
         for response in [handle.weights_info.remote(hold_s=3.0) for _ in range(40)]:
             info = response.result(timeout_s=60)
             infos[info["replica"]] = info
@@ -308,7 +349,11 @@ def test_replicas_share_one_weights_copy(deployed):
 
 def test_ingress_controller_and_weights_holders_exist(deployed, trained):
     registry = ModelRegistry(trained.cfg.storage.root)
-    for model, version in ((MODEL, 1), (MODEL, 2), ("other_digits", 1)):  # every version served so far holds its weights
+    for model, version in (
+        (MODEL, 1),
+        (MODEL, 2),
+        ("other_digits", 1),
+    ):  # every version served so far holds its weights
         assert ray.get_actor(weights_holder_name(registry.get(model, version)), namespace=NAMESPACE)
 
 
@@ -317,13 +362,22 @@ def test_metrics_per_model_and_version_reach_prometheus(deployed, trained):
     deadline, text = time.time() + 45, ""
     while time.time() < deadline:  # Ray's metrics agent exports every few seconds
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        if 'orchestrator_request_latency_ms_bucket' in text and 'orchestrator_batch_size_bucket' in text and 'status="401"' in text:
+        if (
+            "orchestrator_request_latency_ms_bucket" in text
+            and "orchestrator_batch_size_bucket" in text
+            and 'status="401"' in text
+        ):
             break
         time.sleep(2)
     requests_lines = [line for line in text.splitlines() if line.startswith("ray_orchestrator_requests_total")]
-    assert any('model="digits"' in line and 'version="1"' in line and 'status="200"' in line for line in requests_lines), requests_lines
+    assert any(
+        'model="digits"' in line and 'version="1"' in line and 'status="200"' in line for line in requests_lines
+    ), requests_lines
     assert any('model="other_digits"' in line for line in requests_lines)
-    assert any(line.startswith("ray_orchestrator_request_errors_total") and 'status="404"' in line for line in text.splitlines())
+    assert any(
+        line.startswith("ray_orchestrator_request_errors_total") and 'status="404"' in line
+        for line in text.splitlines()
+    )
     assert "ray_orchestrator_batch_size_bucket" in text and "ray_orchestrator_request_latency_ms_bucket" in text
 
 
@@ -334,7 +388,7 @@ def test_tampered_weights_make_build_app_raise(ray_cluster, trained, tmp_path):
     blob = bytearray(weights.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     weights.write_bytes(bytes(blob))
-    cfg = with_overrides(trained.cfg, {"storage.root": str(root)})
+    cfg = to_config(trained.cfg, {"storage.root": str(root)})
     with pytest.raises(IntegrityError):
         build_app(cfg, "production")
     with pytest.raises(RegistryError):
@@ -354,7 +408,7 @@ def test_serve_config_file_is_valid_and_its_builder_builds(ray_cluster, trained)
 
 
 def test_written_serve_config_deploys_and_serves(deployed, trained):
-    cfg = with_overrides(trained.cfg, {"serve.app_name": "from_file", "serve.min_replicas": 1, "serve.max_replicas": 1})
+    cfg = to_config(trained.cfg, {"serve.app_name": "from_file", "serve.min_replicas": 1, "serve.max_replicas": 1})
     config = serve_config(cfg)
     (application,) = ServeDeploySchema(**config).applications
     assert application.args["ref"] == "production" and application.args["auth"]["enabled"] is True
@@ -364,6 +418,11 @@ def test_written_serve_config_deploys_and_serves(deployed, trained):
         response = post_infer(deployed, trained.val_x[:2], url=f"{deployed.base_url}/from_file/v2/models/{MODEL}/infer")
         assert response.status_code == 200, response.text
         assert response.headers["X-Model-Version"] == "1"
-        assert requests.post(f"{deployed.base_url}/from_file/v2/models/{MODEL}/infer", json=infer_body(trained.val_x[:1]), timeout=30).status_code == 401
+        assert (
+            requests.post(
+                f"{deployed.base_url}/from_file/v2/models/{MODEL}/infer", json=infer_body(trained.val_x[:1]), timeout=30
+            ).status_code
+            == 401
+        )
     finally:
         serve.delete("from_file")

@@ -15,12 +15,17 @@ import pytest
 import requests
 import torch
 from ray import serve
+from ray.serve.schema import ReplicaState
 from ray.util.state import list_actors
 
-from orchestrator.config.schema import ModelConfig, PipelineConfig, ServeConfig, StorageConfig
+from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig
 from orchestrator.training.models import build_model
-from serve.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, run_deploy
-from tests.integration.serving_support import INPUT_SHAPE, digits, fit, free_port, infer_body, register, register_user_model
+from serve.deploy import run_deploy
+from serve.names import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
+from tests.integration.serving_support import INPUT_SHAPE, digits, register, register_user_model
+from tests.support import fit, free_port, infer_body
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 KILLS = 3
 CLIENTS = 6
@@ -58,7 +63,7 @@ def replica_pids(app, deployment: str) -> Dict[str, int]:
     """{actor id: pid} of the live replica actors of `deployment`."""
     actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app.cfg.serve.app_name}:{deployment}"),
                                   ("state", "=", "ALIVE")])
-    return {a.actor_id: a.pid for a in actors}
+    return {a.actor_id: a.pid for a in actors if a.pid is not None}
 
 
 def two_running(app, deployment: str, killed: int = 0, timeout_s: float = 60.0) -> Dict[str, int]:
@@ -67,10 +72,13 @@ def two_running(app, deployment: str, killed: int = 0, timeout_s: float = 60.0) 
     while time.monotonic() < deadline:
         pids = replica_pids(app, deployment)
         status = serve.status().applications[app.cfg.serve.app_name].deployments[deployment]
-        if len(pids) == 2 and killed not in pids.values() and status.replica_states.get("RUNNING", 0) == 2:
+        running = status.replica_states.get(ReplicaState.RUNNING, 0)
+        if len(pids) == 2 and killed not in pids.values() and running == 2:
             return pids
         time.sleep(0.2)
-    raise AssertionError(f"{deployment} did not come back to 2 replicas within {timeout_s} s: {replica_pids(app, deployment)}")
+    raise AssertionError(
+        f"{deployment} did not come back to 2 replicas within {timeout_s} s: {replica_pids(app, deployment)}"
+    )
 
 
 def kill_under_load(app, deployment: str) -> SimpleNamespace:

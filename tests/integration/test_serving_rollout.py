@@ -8,20 +8,30 @@ import sys
 import threading
 import time
 from types import SimpleNamespace
+from typing import List
 
 import pytest
 import requests
 import torch
 from ray import serve
 
-from orchestrator.config.schema import LimitsConfig, ModelConfig, PipelineConfig, RolloutConfig, ServeConfig, StorageConfig
-from orchestrator.training.models import build_model
+from orchestrator.config import LimitsConfig, ModelConfig, PipelineConfig, RolloutConfig, ServeConfig, StorageConfig
 from orchestrator.registry.store import ModelRegistry
-from serve.serving import MODEL_DEPLOYMENT, model_id, run_deploy
-from tests.integration.conftest import REPO
+from orchestrator.training.models import build_model
+from serve.deploy import run_deploy
+from serve.names import MODEL_DEPLOYMENT, model_id
 from tests.integration.serving_support import (
-    INPUT_SHAPE, MODEL, digits, fit, free_port, hammer, infer_body, register, register_user_model, served_versions,
+    INPUT_SHAPE,
+    MODEL,
+    digits,
+    hammer,
+    register,
+    register_user_model,
+    served_versions,
 )
+from tests.support import REPO, fit, free_port, infer_body
+
+pytestmark = pytest.mark.slow
 
 SYNC_S = 0.25
 TIMEOUT_S = 3.0
@@ -59,7 +69,9 @@ def headers(app) -> dict:
 
 def infer(app, i: int = 0, url: str = "") -> requests.Response:
     rows = app.rows[i % len(app.rows):][:1]
-    return requests.post(url or f"{app.deployed.endpoint}/infer", json=infer_body(rows), headers=headers(app), timeout=60)
+    return requests.post(
+        url or f"{app.deployed.endpoint}/infer", json=infer_body(rows), headers=headers(app), timeout=60
+    )
 
 
 def admin(app, action: str, body=None) -> dict:
@@ -72,8 +84,13 @@ def admin(app, action: str, body=None) -> dict:
 
 
 def rollout_job(app, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "jobs.rollout", "--url", app.deployed.base_url, "--key", app.key, *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.rollout", "--url", app.deployed.base_url, "--key", app.key, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     time.sleep(SYNC_S * 3)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -127,7 +144,9 @@ def _under_load(app, action: str, total: int = 320, after: int = 100) -> tuple:
 def test_rollback_under_load_fails_no_request(app):
     admin(app, "start", {"version": 2, "percent": 50})
     results, rolled_back_at = _under_load(app, "rollback")
-    assert [r.status_code for _, r in results].count(200) == 320, [r.text for _, r in results if r.status_code != 200][:3]
+    assert [r.status_code for _, r in results].count(200) == 320, [r.text for _, r in results if r.status_code != 200][
+        :3
+    ]
     before = served_versions([r for started, r in results[:80]])
     after = served_versions([r for started, r in results if started > rolled_back_at + 2 * SYNC_S])
     assert before.get("2", 0) > 0 and set(after) == {"1"}, (before, after)
@@ -157,7 +176,7 @@ def test_rollback_without_candidate_returns_to_the_previous_version(app):
 
 def test_failing_candidate_is_rolled_back_automatically(app):
     admin(app, "start", {"version": 3, "percent": 50})
-    statuses = []
+    statuses: List[int] = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         statuses.append(infer(app, len(statuses)).status_code)
@@ -165,7 +184,9 @@ def test_failing_candidate_is_rolled_back_automatically(app):
             break
     status = admin(app, "status")
     assert status["candidate"] is None and status["stable"] == 1
-    assert status["events"][-1]["action"] == "rollback" and status["events"][-1]["reason"].startswith("automatic: error rate")
+    assert status["events"][-1]["action"] == "rollback" and status["events"][-1]["reason"].startswith(
+        "automatic: error rate"
+    )
     assert 500 in statuses and len(statuses) < 200
     after = hammer(lambda i: infer(app, i), 40)
     assert [r.status_code for r in after].count(200) == 40 and set(served_versions(after)) == {"1"}

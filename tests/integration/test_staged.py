@@ -5,8 +5,18 @@ import dataclasses
 
 import pytest
 
-from orchestrator.config.schema import ModelConfig, ParallelConfig, PipelineConfig, ScheduleConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.config import (
+    ModelConfig,
+    ParallelConfig,
+    PipelineConfig,
+    ScheduleConfig,
+    StorageConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from orchestrator.training.loop import checkpoint_weights, run_train
+
+pytestmark = pytest.mark.slow
 
 
 def _cfg(tmp_path, *, schedule="layerwise", strategy="ddp", epochs=6, **extra) -> PipelineConfig:
@@ -35,8 +45,15 @@ def test_failure_mid_schedule_resumes_in_its_phase_and_epoch(ray_cluster, tmp_pa
     def crashing(marker):
         # Rank 0 calls the crash stage ~24 times an epoch from phase 1 on: call 85 falls in epoch 6,
         # the second epoch of the fine-tune phase, so the resume must restore that phase's optimizer.
-        model = ModelConfig(_target_="tests.integration.crashing_model.crash_once_mlp", kwargs={"marker": str(marker), "crash_after_calls": 85})
-        return dataclasses.replace(_cfg(tmp_path / f"run-{marker.name}"), model=model, train=TrainConfig(epochs=6, batch_size=64, max_failures=1))
+        model = ModelConfig(
+            _target_="tests.integration.crashing_model.crash_once_mlp",
+            kwargs={"marker": str(marker), "crash_after_calls": 85},
+        )
+        return dataclasses.replace(
+            _cfg(tmp_path / f"run-{marker.name}"),
+            model=model,
+            train=TrainConfig(epochs=6, batch_size=64, max_failures=1),
+        )
 
     marker = tmp_path / "crashed"
     crashed_cfg = crashing(marker)

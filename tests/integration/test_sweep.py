@@ -4,10 +4,12 @@ import os
 
 import pytest
 
-from orchestrator.config.schema import PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
+from orchestrator.config import PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
 from orchestrator.flows import register_sweep
 from orchestrator.registry.store import ModelRegistry
 from orchestrator.training.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +69,18 @@ def test_one_offline_wandb_run_per_trial(sweep_and_root):
 
 
 def test_schedule_boundaries_and_decay_are_swept_like_any_hyperparameter(ray_cluster, tmp_path):
-    from orchestrator.config.schema import ScheduleConfig
+    from orchestrator.config import ScheduleConfig
 
     cfg = PipelineConfig(
-        storage=StorageConfig(root=f"file://{tmp_path}"), tracking=TrackingConfig(enabled=False), train=TrainConfig(epochs=4),
+        storage=StorageConfig(root=f"file://{tmp_path}"),
+        tracking=TrackingConfig(enabled=False),
+        train=TrainConfig(epochs=4),
         schedule=ScheduleConfig(kind="layerwise"),
-        tune=TuneConfig(num_samples=1, scheduler="fifo", search_space={
-            "schedule": {"phase_epochs": ["grid", [1, 1, 2], [2, 1, 1]], "lr_decay": ["grid", 0.5]}}),
+        tune=TuneConfig(
+            num_samples=1,
+            scheduler="fifo",
+            search_space={"schedule": {"phase_epochs": ["grid", [1, 1, 2], [2, 1, 1]], "lr_decay": ["grid", 0.5]}},
+        ),
     )
     sweep = run_sweep(cfg)
     assert sorted(tuple(t.overrides["schedule.phase_epochs"]) for t in sweep.trials) == [(1, 1, 2), (2, 1, 1)]

@@ -5,7 +5,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from orchestrator.config.schema import ModelConfig, ParallelConfig, ScheduleConfig, TrainConfig
+from orchestrator.config import ModelConfig, ParallelConfig, ScheduleConfig, TrainConfig
 from orchestrator.training.models import build_model
 from orchestrator.training.parallel import make_runner
 from orchestrator.training.phases import PhaseModel, make_aux_heads

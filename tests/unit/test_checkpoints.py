@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.training.checkpoints import MANIFEST, TornCheckpoint, complete_checkpoints, newest_complete, verify, write_manifest
-from orchestrator.config.schema import PipelineConfig, StorageConfig
+from orchestrator.config import PipelineConfig, StorageConfig
 from orchestrator.registry.store import ModelRegistry
-from orchestrator.training.resume import mark_done, newest_unfinished, run_name_for
+from orchestrator.training.checkpoints import (
+    MANIFEST,
+    TornCheckpoint,
+    complete_checkpoints,
+    newest_complete,
+    verify,
+    write_manifest,
+)
 from orchestrator.training.loop import HISTORY_FILE, STATE_FILE, checkpoint_weights, load_state, read_history
+from orchestrator.training.resume import mark_done, newest_unfinished, run_name_for
 
 
 def _write_checkpoint(folder, epoch: int, *, manifest: bool = True) -> None:
@@ -29,9 +36,9 @@ def _tear(path, how: str) -> None:
         data = open(path, "rb").read()
         open(path, "wb").write(data[: len(data) // 2])
     elif how == "flipped":
-        data = bytearray(open(path, "rb").read())
-        data[len(data) // 2] ^= 0xFF
-        open(path, "wb").write(bytes(data))
+        flipped = bytearray(open(path, "rb").read())
+        flipped[len(flipped) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(flipped))
     elif how == "missing":
         os.remove(path)
 
@@ -96,7 +103,12 @@ def test_registration_refuses_a_torn_checkpoint_and_writes_nothing(run, tmp_path
 def test_resume_picks_the_newest_unfinished_run_of_its_kind(tmp_path):
     root = f"file://{tmp_path}"
     results = tmp_path / "ray_results"
-    for name in ("nightly-train-20261101-000000", "nightly-train-20261102-000000", "nightly-sweep-20261103-000000", "other-train-20261104-000000"):
+    for name in (
+        "nightly-train-20261101-000000",
+        "nightly-train-20261102-000000",
+        "nightly-sweep-20261103-000000",
+        "other-train-20261104-000000",
+    ):
         (results / name).mkdir(parents=True)
     mark_done(root, "nightly-train-20261102-000000", {})
     assert newest_unfinished(root, "nightly-train-") == "nightly-train-20261101-000000"

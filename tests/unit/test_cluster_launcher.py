@@ -13,10 +13,11 @@ import jsonschema
 import pytest
 import yaml
 
-from orchestrator.config.schema import ExportConfig
+from orchestrator.config import ExportConfig
 
 REPO = Path(__file__).resolve().parents[2]
-RAY_SCHEMA = Path(importlib.util.find_spec("ray").origin).parent / "autoscaler" / "ray-schema.json"
+RAY_PACKAGE = Path(importlib.util.find_spec("ray").origin).parent  # type: ignore[arg-type]  # ray is installed
+RAY_SCHEMA = RAY_PACKAGE / "autoscaler" / "ray-schema.json"
 
 
 @pytest.fixture(scope="module")

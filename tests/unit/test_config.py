@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from orchestrator.config.schema import (
+from orchestrator.config import (
+    OptimizeMethod,
+    ParallelStrategy,
     PipelineConfig,
+    PipelineSchedule,
     StorageConfig,
     TrainConfig,
-    from_dict,
     iter_search_space,
     to_config,
     to_dict,
-    with_overrides,
 )
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -37,7 +41,8 @@ def _options():
 
 def test_conf_tree_has_every_group():
     groups = {group for group, _ in _options()}
-    assert groups >= {"data", "model", "parallel", "scaling", "train", "tune", "serve", "storage", "tracking", "registry"}
+    assert groups >= {"data", "model", "parallel", "scaling", "train", "tune", "serve", "storage", "tracking",
+                      "registry"}
 
 
 @pytest.mark.parametrize(("group", "option"), list(_options()))
@@ -92,11 +97,37 @@ def test_command_line_overrides_win_over_the_experiment(compose):
         ("train.lr=abc", "train.lr"),  # wrong type
         ("scaling.num_workers=two", "scaling.num_workers"),
         ("tracking.enabled=maybe", "tracking.enabled"),
+        # Choice fields are enums: a value not offered fails here, listing the ones that are.
+        ("train.optimizer=rmsprop", "train.optimizer"),
+        ("model.name=transformer", "model.name"),
+        ("parallel.strategy=zero3", "parallel.strategy"),
+        ("tracking.mode=sometimes", "tracking.mode"),
     ],
 )
 def test_unknown_keys_and_wrong_types_fail_at_compose(compose, override, named):
     with pytest.raises(ConfigCompositionException, match=named):
         compose([override])
+
+
+def test_a_choice_not_offered_fails_at_compose_listing_the_choices(compose):
+    with pytest.raises(ConfigCompositionException) as failure:
+        compose(["parallel.strategy=zero3"])
+    assert "expected one of [ddp, fsdp, pipeline]" in str(failure.value.__cause__)
+
+
+def test_a_misspelt_experiment_fails_at_compose_listing_the_experiments(compose):
+    with pytest.raises(ConfigCompositionException, match="experiment/smok") as failure:
+        compose(["experiment=smok"])
+    assert "Available options in 'experiment'" in str(failure.value) and "smoke" in str(failure.value)
+
+
+def test_an_unknown_top_level_key_fails_naming_it_and_the_known_keys(compose):
+    composed = compose(["+foo=bar"])  # Hydra adds '+' keys to any config, a structured one included
+    with pytest.raises(ValueError, match="foo is not a config key") as failure:
+        to_config(composed)
+    assert "the top-level keys are data, model, parallel" in str(failure.value)
+    with pytest.raises(ValueError, match=r"model\.width is not a config key: model has name, _target_, hidden"):
+        to_config(compose(["+model.width=5"]))
 
 
 def test_an_unknown_group_option_fails_at_compose(compose):
@@ -114,10 +145,6 @@ def test_an_unknown_group_option_fails_at_compose(compose):
         (["serve.min_replicas=3", "serve.max_replicas=2"], "serve.max_replicas"),
         (["serve.port=70000"], "serve.port"),
         (["tune.reduction_factor=1"], "tune.reduction_factor"),
-        (["train.optimizer=rmsprop"], "train.optimizer"),
-        (["model.name=transformer"], "model.name"),
-        (["parallel.strategy=zero3"], "parallel.strategy"),
-        (["tracking.mode=sometimes"], "tracking.mode"),
         (["registry.model_name=a/b"], "registry.model_name"),
         (["registry.model_name=.."], "registry.model_name"),
         (["registry.promote_alias=7"], "registry.promote_alias"),
@@ -138,7 +165,8 @@ def test_out_of_range_values_fail_in_to_config_naming_the_field(compose, overrid
 
 
 def test_a_new_search_space_leaf_on_a_real_field_is_accepted(compose):
-    cfg = to_config(compose(["+tune.search_space.model.dropout=[uniform,0,0.3]", "tune.search_space.train.lr=[choice,0.01,0.003]"]))
+    cfg = to_config(compose(["+tune.search_space.model.dropout=[uniform,0,0.3]",
+                             "tune.search_space.train.lr=[choice,0.01,0.003]"]))
     leaves = dict(iter_search_space(cfg.tune.search_space))
     assert leaves["model.dropout"] == ["uniform", 0, 0.3]
     assert leaves["train.lr"] == ["choice", 0.01, 0.003]
@@ -154,18 +182,24 @@ def test_iter_search_space_yields_dotted_paths_of_leaves():
     ]
 
 
-def test_with_overrides_applies_nested_dotted_values_to_a_copy():
+def test_to_config_applies_nested_dotted_overrides_to_a_copy():
     base = PipelineConfig()
-    changed = with_overrides(base, {"train.lr": 0.01, "model.hidden": [8, 4], "scaling.num_workers": 1, "run_name": "x"})
+    changed = to_config(base, {"train.lr": 0.01, "model.hidden": [8, 4], "scaling.num_workers": 1, "run_name": "x"})
 
-    assert (changed.train.lr, changed.model.hidden, changed.scaling.num_workers, changed.run_name) == (0.01, [8, 4], 1, "x")
+    assert (changed.train.lr, changed.model.hidden) == (0.01, [8, 4])
+    assert (changed.scaling.num_workers, changed.run_name) == (1, "x")
     assert changed.train.epochs == base.train.epochs  # siblings of an overridden field are kept
     assert (base.train.lr, base.model.hidden, base.run_name) == (0.003, [128, 64], "default")  # original untouched
 
 
-def test_with_overrides_can_replace_a_dict_field_whole():
+def test_an_override_can_replace_a_dict_field_whole():
     space = {"train": {"lr": ["choice", 0.001]}}
-    assert with_overrides(PipelineConfig(), {"tune.search_space": space}).tune.search_space == space
+    assert to_config(PipelineConfig(), {"tune.search_space": space}).tune.search_space == space
+
+
+def test_a_dict_on_a_section_sets_only_the_fields_it_names():
+    cfg = to_config(PipelineConfig(), {"serve": {"port": 9000, "auth": {"enabled": False}}})
+    assert (cfg.serve.port, cfg.serve.auth.enabled, cfg.serve.max_replicas) == (9000, False, 2)
 
 
 @pytest.mark.parametrize(
@@ -175,11 +209,14 @@ def test_with_overrides_can_replace_a_dict_field_whole():
         ({"data.val_fraction": 0.0}, "data.val_fraction"),
         ({"run_name": "a b"}, "run_name"),
         ({"tune.search_space": {"model": {"foo": ["uniform", 0, 1]}}}, "tune.search_space.model.foo"),
+        ({"train.optimiser": "sgd"}, "train.optimiser"),  # a misspelt key is refused, not added
+        ({"parallel.strategy": "zero3"}, "parallel.strategy"),
+        ({"train.lr": "fast"}, "train.lr"),
     ],
 )
-def test_with_overrides_revalidates(overrides, named):
+def test_overrides_are_revalidated(overrides, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
-        with_overrides(PipelineConfig(), overrides)
+        to_config(PipelineConfig(), overrides)
 
 
 def test_to_config_validates_a_config_composed_without_the_schema():
@@ -190,9 +227,10 @@ def test_to_config_validates_a_config_composed_without_the_schema():
         to_config(OmegaConf.create({"train": {"epochs": 0}}))
 
 
-def test_to_dict_and_from_dict_round_trip(compose):
-    cfg = to_config(compose(["model=custom", "model._target_=tests.unit.user_models.TwoLayerNet", "+model.kwargs.width=5", "data=synthetic"]))
-    rebuilt = from_dict(to_dict(cfg))
+def test_to_dict_and_to_config_round_trip(compose):
+    cfg = to_config(compose(["model=custom", "model._target_=tests.unit.user_models.TwoLayerNet",
+                             "+model.kwargs.width=5", "data=synthetic"]))
+    rebuilt = to_config(to_dict(cfg))
     assert rebuilt == cfg
     assert rebuilt.model._target_ == "tests.unit.user_models.TwoLayerNet" and rebuilt.model.kwargs == {"width": 5}
 
@@ -215,3 +253,42 @@ def test_one_epoch_runs_are_valid_even_with_the_default_asha_grace_period(compos
     # ASHA clamps its grace period to the run's length; a plain train job must not be refused for it.
     cfg = to_config(compose(["train.epochs=1"]))
     assert cfg.train.epochs == 1 and cfg.tune.grace_period > cfg.train.epochs
+
+
+def test_choices_are_enums_that_serialize_as_the_strings_users_type(compose):
+    cfg = to_config(compose(["parallel=pipeline", "parallel.pipeline_schedule=gpipe", "optimize=int8"]))
+    assert cfg.parallel.strategy is ParallelStrategy.pipeline
+    assert cfg.parallel.pipeline_schedule is PipelineSchedule("gpipe")
+    assert cfg.optimize.methods == [OptimizeMethod.int8_dynamic, OptimizeMethod.int8_static]
+    assert cfg.parallel.strategy == "pipeline" and f"{cfg.parallel.pipeline_schedule}" == "gpipe"
+    plain = to_dict(cfg)
+    assert plain["parallel"]["strategy"] == "pipeline" and type(plain["parallel"]["strategy"]) is str
+    assert plain["optimize"]["methods"] == ["int8_dynamic", "int8_static"]
+    assert OmegaConf.to_yaml(OmegaConf.create(plain))  # YAML- and JSON-friendly: nothing but plain values
+    assert to_config(json.loads(json.dumps(plain))) == cfg
+
+
+def test_a_config_stored_as_strings_before_the_enums_still_loads():
+    # A registry manifest written before choice fields were enums stored them as plain strings.
+    stored = json.loads(json.dumps(dataclasses.asdict(PipelineConfig())))
+    stored["parallel"].update(strategy="pipeline", pipeline_schedule="1f1b", microbatches=2)
+    stored["optimize"]["methods"] = ["distill"]
+    cfg = to_config(stored)
+    assert cfg.parallel.pipeline_schedule is PipelineSchedule("1f1b")
+    assert cfg.optimize.methods == [OptimizeMethod.distill]
+
+
+def test_python_built_configs_turn_choice_strings_into_enums_naming_a_bad_one():
+    assert TrainConfig(optimizer="sgd").optimizer is TrainConfig().optimizer.__class__.sgd
+    with pytest.raises(ValueError, match=r"train\.optimizer must be one of \['adam', 'adamw', 'sgd'\]"):
+        TrainConfig(optimizer="rmsprop")
+
+
+def test_the_config_package_imports_neither_torch_nor_ray_nor_training():
+    code = (
+        "import sys; from orchestrator.config import to_config; to_config({'train': {'lr': 0.01}}); "
+        "print(sorted(m for m in ('torch', 'ray', 'orchestrator.training') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"

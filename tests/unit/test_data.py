@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.config.schema import DataConfig
+from orchestrator.config import DataConfig
 from orchestrator.training.data import load_split, prepare_dataset
 
 DIGITS_ROWS = 1797
@@ -73,7 +73,9 @@ def test_cached_dataset_takes_this_calls_input_shape(digits):
 
 
 def test_synthetic_source(tmp_path):
-    cfg = DataConfig(source="synthetic", synthetic_samples=200, synthetic_features=5, synthetic_classes=3, val_fraction=0.25)
+    cfg = DataConfig(
+        source="synthetic", synthetic_samples=200, synthetic_features=5, synthetic_classes=3, val_fraction=0.25
+    )
     info = prepare_dataset(cfg, tmp_path.as_uri())
     x_val, y_val = load_split(info, "val")
 
@@ -99,12 +101,19 @@ def _features(rows: int, cols: int) -> np.ndarray:
 def test_user_parquet_with_named_feature_and_label_columns(tmp_path):
     x, y = _features(60, 3), np.arange(60) % 4
     source = tmp_path / "user.parquet"
-    pq.write_table(pa.table({"row_id": np.arange(60), "sepal": x[:, 0], "petal": x[:, 1], "stem": x[:, 2], "kind": y}), source)
+    pq.write_table(
+        pa.table({"row_id": np.arange(60), "sepal": x[:, 0], "petal": x[:, 1], "stem": x[:, 2], "kind": y}), source
+    )
 
     cfg = DataConfig(source=source.as_uri(), feature_columns=["sepal", "petal", "stem"], label_column="kind")
     info = prepare_dataset(cfg, (tmp_path / "root").as_uri())
 
-    assert (info.feature_columns, info.label_column, info.num_classes, info.input_shape) == (["sepal", "petal", "stem"], "kind", 4, [3])
+    assert (info.feature_columns, info.label_column, info.num_classes, info.input_shape) == (
+        ["sepal", "petal", "stem"],
+        "kind",
+        4,
+        [3],
+    )
     assert info.num_train + info.num_val == 60
     _assert_pairs_kept(info, x, y)
 

@@ -8,8 +8,9 @@ import shlex
 
 import pytest
 import yaml
+from hydra.errors import ConfigCompositionException
 
-from orchestrator.config.schema import to_config
+from orchestrator.config import to_config
 from orchestrator.kuberay.manifests import (
     crd_validator,
     rayjob,
@@ -27,8 +28,8 @@ IMAGE = "export.image=registry.example/orchestrator:1"
 def export(compose, tmp_path):
     """export(*overrides) -> ({kind: manifest loaded back from the file written}, cfg)."""
 
-    def _export(*overrides: str):
-        overrides = [*K8S, IMAGE, f"export.out_dir={tmp_path}", *overrides]
+    def _export(*extra: str):
+        overrides = [*K8S, IMAGE, f"export.out_dir={tmp_path}", *extra]
         cfg = to_config(compose(overrides))
         paths = write_manifests(cfg, overrides)
         return {p.rsplit("/", 1)[1].removesuffix(".yaml"): yaml.safe_load(open(p)) for p in paths}, cfg
@@ -50,7 +51,7 @@ def test_all_three_kinds_are_written_and_valid_against_their_crds(export):
 
 
 def test_rayservice_serve_config_is_what_jobs_deploy_writes(export, tmp_path):
-    from serve.serving import serve_config, write_serve_config
+    from serve.config_file import serve_config, write_serve_config
 
     manifests, cfg = export("serve.port=8080", "serve.max_replicas=5", "serve.model_version=7")
     served = yaml.safe_load(manifests["rayservice"]["spec"]["serveConfigV2"])
@@ -83,7 +84,8 @@ def test_rayjob_entrypoint_runs_the_job_with_the_same_overrides(export, job):
         (["scaling.num_workers=5", "scaling.cpus_per_worker=1.5", "export.worker_cpus=4", "export.job=train"], (3, 3)),
         (["scaling.num_workers=3", "scaling.cpus_per_worker=0.3", "export.worker_cpus=1", "export.job=pipeline",
           "tune.max_concurrent_trials=3", "serve.block=false"], (1, 3)),
-        (["scaling=gpu", "scaling.num_workers=4", "export.worker_cpus=16", "export.worker_gpus=2", "export.job=train"], (2, 2)),
+        (["scaling=gpu", "scaling.num_workers=4", "export.worker_cpus=16", "export.worker_gpus=2",
+          "export.job=train"], (2, 2)),
     ],
 )
 def test_worker_replicas_hold_one_run_and_scale_to_the_sweeps_concurrency(export, overrides, expected):
@@ -110,7 +112,9 @@ def test_token_auth_and_secrets(export):
     manifests, _ = export("export.token_auth=false")
     spec = manifests["rayservice"]["spec"]["rayClusterConfig"]
     assert spec["authOptions"] == {"mode": "disabled"}
-    assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] == [{"name": "RAY_AUTH_MODE", "value": "disabled"}]
+    assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] == [
+        {"name": "RAY_AUTH_MODE", "value": "disabled"}
+    ]
 
 
 def _break(path, value):
@@ -132,13 +136,28 @@ HEAD_CONTAINER = ["spec", "rayClusterSpec", "headGroupSpec", "template", "spec",
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (_break([*WORKERS, "replicas"], "two"), "at spec.rayClusterSpec.workerGroupSpecs.0.replicas: 'two' is not of type 'integer'"),
-        (_break([*WORKERS, "groupName"], KeyError), "at spec.rayClusterSpec.workerGroupSpecs.0: 'groupName' is a required property"),
-        (_break(["spec", "rayClusterSpec", "headGroupSpec"], KeyError), "at spec.rayClusterSpec: 'headGroupSpec' is a required property"),
+        (
+            _break([*WORKERS, "replicas"], "two"),
+            "at spec.rayClusterSpec.workerGroupSpecs.0.replicas: 'two' is not of type 'integer'",
+        ),
+        (
+            _break([*WORKERS, "groupName"], KeyError),
+            "at spec.rayClusterSpec.workerGroupSpecs.0: 'groupName' is a required property",
+        ),
+        (
+            _break(["spec", "rayClusterSpec", "headGroupSpec"], KeyError),
+            "at spec.rayClusterSpec: 'headGroupSpec' is a required property",
+        ),
         (_break(["spec", "rayClusterSpec", "workerGroupSpec"], []), "('workerGroupSpec' was unexpected)"),  # a typo
         (_break([*HEAD_CONTAINER, "resources", "limits", "memory"], "lots"), "limits.memory: 'lots' does not match"),
-        (_break(["spec", "rayClusterSpec", "authOptions", "mode"], "password"), "'password' is not one of ['disabled', 'token']"),
-        (_break(["spec", "shutdownAfterJobFinishes"], "yes"), "at spec.shutdownAfterJobFinishes: 'yes' is not of type 'boolean'"),
+        (
+            _break(["spec", "rayClusterSpec", "authOptions", "mode"], "password"),
+            "'password' is not one of ['disabled', 'token']",
+        ),
+        (
+            _break(["spec", "shutdownAfterJobFinishes"], "yes"),
+            "at spec.shutdownAfterJobFinishes: 'yes' is not of type 'boolean'",
+        ),
         (_break(["apiVersion"], "ray.io/v1alpha1"), "RayJob.apiVersion must be ray.io/v1"),
     ],
 )
@@ -176,11 +195,16 @@ def test_only_the_kind_asked_for_is_written_and_a_loopback_host_is_fine_without_
     assert list(manifests) == ["rayjob"]
 
 
+@pytest.mark.parametrize(("override", "named"), [("export.kind=deployment", "export.kind"),
+                                                  ("export.job=deploy", "export.job")])
+def test_an_export_choice_not_offered_fails_at_compose_naming_the_field(compose, override, named):
+    with pytest.raises(ConfigCompositionException, match=named.replace(".", r"\.")):
+        compose([override])
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ("export.kind=deployment", "export.kind"),
-        ("export.job=deploy", "export.job"),
         ("export.name=Orchestrator", "export.name"),
         ("export.worker_memory=16GB", "export.worker_memory"),
         ("export.head_cpus=0", "export.head_cpus"),

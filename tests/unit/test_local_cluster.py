@@ -8,13 +8,30 @@ import time
 import pytest
 
 from cluster.local_cluster import (
-    MARKER, ClusterSpec, LocalCluster, Node, _ray_start_argv, kill_node, node_env, node_pids, node_ports, stop_cluster,
+    MARKER,
+    ClusterSpec,
+    LocalCluster,
+    Node,
+    kill_node,
+    node_env,
+    node_pids,
+    node_ports,
+    ray_start_argv,
+    stop_cluster,
 )
 
 
 def _cluster(tmp_path, mode: str = "netns") -> LocalCluster:
-    cluster = LocalCluster(dir=str(tmp_path), name="orctest01", mode=mode, base_port=21000, object_store_mb=300, worker_cpus=4,
-                           subnet="10.99.1" if mode == "netns" else "", bridge="orctest01br" if mode == "netns" else "")
+    cluster = LocalCluster(
+        dir=str(tmp_path),
+        name="orctest01",
+        mode=mode,
+        base_port=21000,
+        object_store_mb=300,
+        worker_cpus=4,
+        subnet="10.99.1" if mode == "netns" else "",
+        bridge="orctest01br" if mode == "netns" else "",
+    )
     for index, name in enumerate(["head", "worker1", "worker2"]):
         ip = f"10.99.1.{10 + index}" if mode == "netns" else "127.0.0.1"
         cluster.nodes[name] = Node(name=name, index=index, ip=ip, num_cpus=4 if index else 0,
@@ -22,7 +39,9 @@ def _cluster(tmp_path, mode: str = "netns") -> LocalCluster:
     return cluster
 
 
-@pytest.mark.parametrize("field, value", [("workers", -1), ("worker_cpus", 0), ("object_store_mb", 10), ("base_port", 80), ("mode", "vm")])
+@pytest.mark.parametrize(
+    "field, value", [("workers", -1), ("worker_cpus", 0), ("object_store_mb", 10), ("base_port", 80), ("mode", "vm")]
+)
 def test_spec_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ClusterSpec(**{field: value})
@@ -33,7 +52,9 @@ def test_every_node_gets_its_own_explicit_ports_outside_rays_worker_range(tmp_pa
     blocks = {}
     for node in cluster.nodes.values():
         ports = node_ports(cluster, node)
-        flags = dict(arg[2:].split("=", 1) for arg in _ray_start_argv(cluster, node) if arg.startswith("--") and "=" in arg)
+        flags = dict(
+            arg[2:].split("=", 1) for arg in ray_start_argv(cluster, node) if arg.startswith("--") and "=" in arg
+        )
         env = node_env(cluster, node.name)
         # Every port reaches Ray: as a `ray start` flag, or (upper case) through the node's environment.
         assert all((env[name] if name.isupper() else flags[name]) == str(port) for name, port in ports.items())
@@ -45,7 +66,11 @@ def test_every_node_gets_its_own_explicit_ports_outside_rays_worker_range(tmp_pa
         else:
             assert flags["address"] == cluster.gcs_address and "dashboard-host" not in flags and "port" not in flags
     assert all(not 10000 <= port <= 20000 for block in blocks.values() for port in block)
-    assert not blocks["head"] & blocks["worker1"] and not blocks["worker1"] & blocks["worker2"] and not blocks["head"] & blocks["worker2"]
+    assert (
+        not blocks["head"] & blocks["worker1"]
+        and not blocks["worker1"] & blocks["worker2"]
+        and not blocks["head"] & blocks["worker2"]
+    )
 
 
 def test_state_file_round_trips_and_stop_is_idempotent(tmp_path):

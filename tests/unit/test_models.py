@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.config.schema import DataConfig, ModelConfig, to_config
+from orchestrator.config import DataConfig, ModelConfig, to_config
 from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.training.models import StagedModel, build_model
 from tests.unit import user_models
@@ -71,7 +71,9 @@ def test_user_class_gets_only_the_arguments_it_accepts():
 
 
 def test_user_model_from_the_command_line(compose):
-    cfg = to_config(compose(["model=custom", "model._target_=tests.unit.user_models.TwoLayerNet", "+model.kwargs.width=5"]))
+    cfg = to_config(
+        compose(["model=custom", "model._target_=tests.unit.user_models.TwoLayerNet", "+model.kwargs.width=5"])
+    )
     model = build_model(cfg.model, cfg.data.input_shape, num_classes=10)
     assert model.stages["hidden"].out_features == 5
 

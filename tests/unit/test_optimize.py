@@ -11,9 +11,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
-from orchestrator.registry import storage
-from orchestrator.config.schema import (
+from orchestrator.config import (
     DistillConfig,
     ModelConfig,
     OptimizeConfig,
@@ -25,29 +25,19 @@ from orchestrator.config.schema import (
     to_config,
     to_dict,
 )
-from orchestrator.training.data import load_split, prepare_dataset
-from orchestrator.training.models import build_model
 from orchestrator.optimize.gate import AccuracyGate, predict_labels
 from orchestrator.optimize.prune import apply_masks, l1_masks, sparsity_of, unit_sparsity
 from orchestrator.optimize.quantize import int8_arrays, int8_model, quantize
 from orchestrator.optimize.run import needs_ray, run_optimize
-from orchestrator.registry.store import WEIGHTS, ModelRegistry, signature_for, weights_from_bytes, weights_to_bytes
+from orchestrator.registry import storage
 from orchestrator.registry.servable import build_servable
+from orchestrator.registry.store import WEIGHTS, ModelRegistry, signature_for, weights_from_bytes, weights_to_bytes
+from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.training.models import build_model
+from tests.support import fit
 
 MODEL = "digits"
 HEAD = {"int8_dynamic": "head", "int8_static": "module.head"}  # static wraps the model in QuantWrapper
-
-
-def fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 250) -> torch.nn.Module:
-    """Full-batch Adam: ~1 s on one thread, about 95% val accuracy for the MLP below."""
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +46,13 @@ def parent(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("optimize").as_uri()
-    cfg = PipelineConfig(model=ModelConfig(hidden=[64, 32]), storage=StorageConfig(root=root), tracking=TrackingConfig(enabled=False))
+    cfg = PipelineConfig(
+        model=ModelConfig(hidden=[64, 32]), storage=StorageConfig(root=root), tracking=TrackingConfig(enabled=False)
+    )
     info = prepare_dataset(cfg.data, root)
     x, y = load_split(info, "train")
     torch.manual_seed(0)
-    model = fit(build_model(cfg.model, info.input_shape, info.num_classes), x, y)
+    model = fit(build_model(cfg.model, info.input_shape, info.num_classes), x, y, 250).eval()  # about 95% val accuracy
     registry = ModelRegistry(root)
     version = registry.register(
         MODEL, {k: v.detach().numpy() for k, v in model.state_dict().items()}, metrics={}, config=to_dict(cfg),
@@ -78,7 +70,11 @@ def with_optimize(cfg: PipelineConfig, **fields) -> PipelineConfig:
 
 
 def variant_manifest(parent, method: str, backend: str = "x86") -> dict:
-    return {"config": to_dict(parent.cfg), "signature": parent.version.signature, "variant": {"method": method, "backend": backend}}
+    return {
+        "config": to_dict(parent.cfg),
+        "signature": parent.version.signature,
+        "variant": {"method": method, "backend": backend},
+    }
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -114,8 +110,8 @@ def test_optimize_is_off_by_default_and_overrides_compose(compose):
     cfg = to_config(compose(["optimize=int8", "optimize.tolerance=0.005", "optimize.prune.sparsity=0.8"]))
     assert cfg.optimize.methods == ["int8_dynamic", "int8_static"] and cfg.optimize.tolerance == 0.005
     assert cfg.optimize.prune.sparsity == 0.8
-    with pytest.raises(ValueError, match="optimize.methods"):
-        to_config(compose(["optimize.methods=[int3]"]))
+    with pytest.raises(ConfigCompositionException, match="optimize.methods"):  # a choice: fails at compose
+        compose(["optimize.methods=[int3]"])
 
 
 def test_only_training_methods_need_ray():
@@ -133,23 +129,34 @@ def test_int8_arrays_round_trip_exactly_through_the_registry_format(parent, meth
     qmodel = quantize(parent.model, method, "x86", torch.from_numpy(parent.train_x[:256]))
     arrays = weights_from_bytes(weights_to_bytes(int8_arrays(qmodel)))  # allow_pickle=False inside
     assert all(a.dtype != object for a in arrays.values())
-    assert arrays[f"{HEAD[method]}.weight.int8"].dtype == np.int8 and arrays[f"{HEAD[method]}.weight.int8"].shape == (10, 32)
+    assert arrays[f"{HEAD[method]}.weight.int8"].dtype == np.int8 and arrays[f"{HEAD[method]}.weight.int8"].shape == (
+        10,
+        32,
+    )
     x = torch.from_numpy(parent.val_x)
     with torch.no_grad():
         expected = qmodel(x)
     served = build_servable(variant_manifest(parent, method), arrays)(x)
     assert torch.equal(served, expected)  # the served module is the quantized one, value for value
-    assert ".quantized" in type(int8_model(variant_manifest(parent, method), arrays).get_submodule(HEAD[method])).__module__
+    assert (
+        ".quantized"
+        in type(int8_model(variant_manifest(parent, method), arrays).get_submodule(HEAD[method])).__module__
+    )
 
 
 def test_int8_static_on_a_cnn_quantizes_convolutions(parent):
     torch.manual_seed(0)
     cnn_cfg = ModelConfig(name="cnn", channels=[4, 8], hidden=[16])
-    model = fit(build_model(cnn_cfg, [1, 8, 8], 10), parent.train_x, load_split(parent.info, "train")[1], steps=120)
+    model = fit(
+        build_model(cnn_cfg, [1, 8, 8], 10), parent.train_x, load_split(parent.info, "train")[1], steps=120
+    ).eval()
     qmodel = quantize(model, "int8_static", "x86", torch.from_numpy(parent.train_x[:256]))
     arrays = int8_arrays(qmodel)
     assert arrays["module.stages.conv0.0.weight.int8"].shape == (4, 1, 3, 3)  # conv fused with its ReLU, in int8
-    manifest = {**variant_manifest(parent, "int8_static"), "config": to_dict(dataclasses.replace(parent.cfg, model=cnn_cfg))}
+    manifest = {
+        **variant_manifest(parent, "int8_static"),
+        "config": to_dict(dataclasses.replace(parent.cfg, model=cnn_cfg)),
+    }
     with torch.no_grad():
         float_labels = model(torch.from_numpy(parent.val_x)).argmax(1).numpy()
     int8_labels = predict_labels(manifest, arrays, parent.val_x)
@@ -161,7 +168,11 @@ def test_int8_static_on_a_cnn_quantizes_convolutions(parent):
 
 def test_unstructured_masks_prune_exactly_the_target_fraction_by_magnitude(parent):
     masks = l1_masks(parent.model, 0.6, structured=False)
-    assert set(masks) == {"stages.block0.1.weight", "stages.block1.0.weight", "head.weight"}  # block0 starts with Flatten
+    assert set(masks) == {
+        "stages.block0.1.weight",
+        "stages.block1.0.weight",
+        "head.weight",
+    }  # block0 starts with Flatten
     arrays = {k: v.detach().numpy() for k, v in parent.model.state_dict().items()}
     pruned = apply_masks(arrays, masks)
     assert sparsity_of(pruned, masks) == pytest.approx(0.6, abs=1e-4)
@@ -211,7 +222,9 @@ def test_dynamic_int8_is_within_one_point_smaller_and_registered_as_a_variant(pa
     registry = ModelRegistry(parent.cfg.storage.root)
     version, arrays = registry.load(MODEL, "int8_dynamic")  # alias = method; checksums verified
     assert version.version == outcome.version.version and version.version != parent.version.version
-    assert version.manifest["variant"]["method"] == "int8_dynamic" and version.manifest["variant"]["parent_version"] == 1
+    assert (
+        version.manifest["variant"]["method"] == "int8_dynamic" and version.manifest["variant"]["parent_version"] == 1
+    )
     assert version.manifest["lineage"]["parent_weights_sha256"] == parent.version.manifest["files"][WEIGHTS]
     fs, path = storage.filesystem(storage.join(version.url, WEIGHTS))
     assert fs.size(path) == rows["int8_dynamic"].size_bytes
@@ -240,7 +253,9 @@ def test_a_variant_outside_tolerance_is_rejected_and_not_registered(parent):
     (outcome,) = result.outcomes
     assert outcome.version is None and not outcome.decision.accepted
     assert outcome.decision.drop > 0.01
-    assert f"missed the tolerance by {100 * (outcome.decision.drop - 0.01):.2f} points, not registered" in outcome.message
+    assert (
+        f"missed the tolerance by {100 * (outcome.decision.drop - 0.01):.2f} points, not registered" in outcome.message
+    )
     assert registry.versions(MODEL) == before and "prune_unstructured" not in registry.aliases(MODEL)
     (row,) = [r for r in result.report if r.name == "prune_unstructured"]
     assert row.status == "rejected" and row.version is None

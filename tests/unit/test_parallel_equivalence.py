@@ -4,26 +4,19 @@ leaves the same weights as single-process training on the same batch, within 1e-
 Spawns two plain torch.distributed (gloo) processes: the plans are torch code, Ray only launches them.
 """
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from orchestrator.config import ParallelConfig
+from tests.support import free_port
 from tests.unit import parallel_workers as workers
-from orchestrator.config.schema import ParallelConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("parallel") / "results.pt")
-    mp.spawn(workers.run_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(workers.run_rank, args=(2, free_port(), out), nprocs=2, join=True)
     return torch.load(out, weights_only=False)
 
 
@@ -31,7 +24,9 @@ def distributed_results(tmp_path_factory):
 @pytest.mark.parametrize("kind,phase", workers.CASES)
 def test_one_step_matches_single_process(distributed_results, plan, kind, phase):
     reference = workers.one_step(kind, phase, ParallelConfig(strategy="ddp"), slice(None))
-    before = workers.one_step(kind, phase, ParallelConfig(strategy="ddp"), slice(0, 0))  # a step on no rows: initial weights
+    before = workers.one_step(
+        kind, phase, ParallelConfig(strategy="ddp"), slice(0, 0)
+    )  # a step on no rows: initial weights
     got = distributed_results[(plan, kind, phase)]
     assert got.keys() == reference.keys()
     moved = [k for k in reference if not torch.equal(reference[k], before[k])]

@@ -5,10 +5,26 @@ import dataclasses
 import pytest
 import torch
 
-from orchestrator.config.schema import ModelConfig, ParallelConfig, PipelineConfig, ScheduleConfig, TrainConfig
+from orchestrator.config import (
+    ModelConfig,
+    ParallelConfig,
+    PhaseConfig,
+    PipelineConfig,
+    ScheduleConfig,
+    TrainConfig,
+    builtin_stage_names,
+    to_config,
+)
 from orchestrator.training.models import build_model
-from orchestrator.training.phases import Compute, PhaseModel, add_cache_compute, add_epoch_compute, forward_flops, make_aux_heads
-from orchestrator.training.schedules import AUX, HEAD, builtin_stage_names, expand_schedule, schedule_epochs
+from orchestrator.training.phases import (
+    Compute,
+    PhaseModel,
+    add_cache_compute,
+    add_epoch_compute,
+    forward_flops,
+    make_aux_heads,
+)
+from orchestrator.training.schedules import AUX, HEAD, expand_schedule, schedule_epochs
 
 STAGES = ["block0", "block1", "block2"]
 
@@ -48,8 +64,8 @@ def test_epochs_split_evenly_with_the_remainder_last_or_as_given():
 
 def test_custom_phases_resolve_names_rates_and_aux_heads():
     cfg = ScheduleConfig(kind="custom", phases=[
-        {"trainable": ["block0"], "output": "block0", "epochs": 2},
-        {"trainable": ["*"], "epochs": 3, "lr_scale": 0.5, "stage_lr_scale": {"block0": 0.1}},
+        PhaseConfig(trainable=["block0"], output="block0", epochs=2),
+        PhaseConfig(trainable=["*"], epochs=3, lr_scale=0.5, stage_lr_scale={"block0": 0.1}),
     ])
     first, second = expand_schedule(cfg, STAGES, epochs=99, lr=0.01)
     assert first.trainable == ("block0", AUX) and first.path == ("block0",)
@@ -68,17 +84,18 @@ def test_custom_phases_resolve_names_rates_and_aux_heads():
 ])
 def test_bad_schedules_fail_when_the_config_is_built(schedule, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        PipelineConfig(model=ModelConfig(hidden=[8, 8, 8]), schedule=ScheduleConfig(**schedule))
+        to_config({"model": {"hidden": [8, 8, 8]}, "schedule": schedule})
 
 
 def test_too_few_epochs_for_the_phases_names_train_epochs():
     with pytest.raises(ValueError, match="train.epochs must be >= 3"):
-        PipelineConfig(train=TrainConfig(epochs=2), schedule=ScheduleConfig(kind="layerwise"))
+        to_config(PipelineConfig(train=TrainConfig(epochs=2), schedule=ScheduleConfig(kind="layerwise")))
 
 
 def test_pipeline_batches_must_split_into_microbatches():
     with pytest.raises(ValueError, match="parallel.microbatches"):
-        PipelineConfig(train=TrainConfig(batch_size=30), parallel=ParallelConfig(strategy="pipeline", microbatches=4))
+        to_config(PipelineConfig(train=TrainConfig(batch_size=30),
+                                 parallel=ParallelConfig(strategy="pipeline", microbatches=4)))
 
 
 def test_builtin_stage_names_match_the_built_models():
@@ -131,7 +148,7 @@ def test_search_space_can_sweep_the_schedule():
     cfg = PipelineConfig(schedule=ScheduleConfig(kind="layerwise"))
     cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, search_space={
         "schedule": {"phase_epochs": ["choice", [2, 2, 8], [4, 4, 4]], "lr_decay": ["uniform", 0.5, 1.0]}}))
-    PipelineConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})  # validates the paths
+    to_config(cfg)  # validates the paths
     from orchestrator.training.sweep import longest_trial
 
     assert longest_trial(cfg) == 12

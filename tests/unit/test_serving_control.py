@@ -2,8 +2,8 @@
 
 import pytest
 
+from orchestrator.config import AuthConfig, LimitsConfig, RolloutConfig, ServeConfig, to_config
 from serve.auth import Authenticator, KeyStore
-from orchestrator.config.schema import RolloutConfig, ServeConfig
 from serve.protocol import BadRequest
 from serve.rollout import Decision, RollbackPolicy, RolloutError, RouteTable, percentile
 
@@ -53,7 +53,10 @@ def test_policy_judges_error_rate_and_p99_after_min_requests():
     assert policy.decide([(True, 1.0)] * 8 + [(False, 1.0)] * 2).decision is Decision.ROLLBACK
     assert policy.decide([(True, 1.0)] * 98 + [(True, 500.0)] * 2).decision is Decision.ROLLBACK
     assert policy.decide([(True, 1.0)] * 99 + [(True, 500.0)]).decision is Decision.KEEP
-    assert RollbackPolicy(RolloutConfig(auto_rollback=False, min_requests=1)).decide([(False, 1.0)]).decision is Decision.KEEP
+    assert (
+        RollbackPolicy(RolloutConfig(auto_rollback=False, min_requests=1)).decide([(False, 1.0)]).decision
+        is Decision.KEEP
+    )
     assert percentile([5, 1, 3, 2, 4], 50) == 3
 
 
@@ -77,19 +80,22 @@ def test_route_table_steps():
 
 
 def test_serve_config_sections_validate_and_rebuild_from_dicts():
-    cfg = ServeConfig(auth={"enabled": False}, limits={"request_timeout_s": 2.0}, min_replicas=0)
+    # Dicts on purpose (what a config read back from JSON holds): to_config builds the sections from them.
+    sections = {"auth": {"enabled": False}, "limits": {"request_timeout_s": 2.0}, "min_replicas": 0}
+    cfg = to_config({"serve": sections}).serve
     assert cfg.auth.enabled is False and cfg.limits.request_timeout_s == 2.0 and cfg.min_replicas == 0
     with pytest.raises(ValueError, match="serve.rollout.max_error_rate"):
-        ServeConfig(rollout={"max_error_rate": 2})
+        to_config({"serve": {"rollout": {"max_error_rate": 2}}})
     with pytest.raises(ValueError, match="serve.limits.max_pending_requests"):
-        ServeConfig(limits={"max_pending_requests": 0})
+        to_config({"serve": {"limits": {"max_pending_requests": 0}}})
     with pytest.raises(ValueError, match="serve.max_replicas"):
         ServeConfig(min_replicas=0, max_replicas=0)
 
 
 def test_deploy_key_first_start_then_minted_then_from_env(tmp_path, monkeypatch, caplog):
-    from orchestrator.config.schema import PipelineConfig, StorageConfig
-    from serve.serving import API_KEY_ENV, api_key_for_deploy
+    from orchestrator.client import API_KEY_ENV
+    from orchestrator.config import PipelineConfig, StorageConfig
+    from serve.auth import api_key_for_deploy
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     cfg = PipelineConfig(storage=StorageConfig(root=str(tmp_path)))
@@ -101,7 +107,8 @@ def test_deploy_key_first_start_then_minted_then_from_env(tmp_path, monkeypatch,
     assert first != second and first.startswith("orc_") and second.startswith("orc_")
     monkeypatch.setenv(API_KEY_ENV, "orc_given_key")
     assert api_key_for_deploy(cfg) == "orc_given_key"
-    open_cfg = PipelineConfig(storage=StorageConfig(root=str(tmp_path)), serve=ServeConfig(auth={"enabled": False}))
+    open_cfg = PipelineConfig(storage=StorageConfig(root=str(tmp_path)),
+                              serve=ServeConfig(auth=AuthConfig(enabled=False)))
     assert api_key_for_deploy(open_cfg) is None
     assert "serve.auth.enabled=false" in caplog.text
 
@@ -109,11 +116,14 @@ def test_deploy_key_first_start_then_minted_then_from_env(tmp_path, monkeypatch,
 def test_serve_config_carries_every_setting_for_the_builder(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    from orchestrator.config.schema import PipelineConfig, StorageConfig
-    from serve.serving import serve_config
+    from orchestrator.config import PipelineConfig, StorageConfig
     from serve.app import config_from_args
+    from serve.config_file import serve_config
 
-    cfg = PipelineConfig(storage=StorageConfig(root=str(tmp_path)), serve=ServeConfig(port=8123, min_replicas=0, limits={"request_timeout_s": 5.0}))
+    cfg = PipelineConfig(
+        storage=StorageConfig(root=str(tmp_path)),
+        serve=ServeConfig(port=8123, min_replicas=0, limits=LimitsConfig(request_timeout_s=5.0)),
+    )
     (application,) = ServeDeploySchema(**serve_config(cfg)).applications
     rebuilt = config_from_args(application.args)
     assert rebuilt.serve == cfg.serve.__class__(**{**cfg.serve.__dict__, "port": 8000})

@@ -7,18 +7,18 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from orchestrator.config.schema import ServeConfig
-from serve.serving import _replica_died
+from orchestrator.config import ServeConfig
+from serve.calls import replica_died
 
 
 def test_only_a_dead_or_unreachable_replica_is_retried():
-    assert _replica_died(ActorDiedError())
-    assert _replica_died(ActorUnavailableError("replica unreachable", None))
+    assert replica_died(ActorDiedError())
+    assert replica_died(ActorUnavailableError("replica unreachable", None))
     # The replica's own code failed, also when what failed was its call to another actor.
-    assert not _replica_died(RayTaskError("predict", "traceback", RuntimeError("bad model")).as_instanceof_cause())
-    assert not _replica_died(RayTaskError("predict", "traceback", ActorDiedError()).as_instanceof_cause())
-    assert not _replica_died(asyncio.TimeoutError())
-    assert not _replica_died(BackPressureError(num_queued_requests=9, max_queued_requests=8))
+    assert not replica_died(RayTaskError("predict", "traceback", RuntimeError("bad model")).as_instanceof_cause())
+    assert not replica_died(RayTaskError("predict", "traceback", ActorDiedError()).as_instanceof_cause())
+    assert not replica_died(asyncio.TimeoutError())
+    assert not replica_died(BackPressureError(num_queued_requests=9, max_queued_requests=8))
 
 
 def test_replica_replacement_settings_are_validated():

@@ -1,11 +1,11 @@
-"""Validation of v2 infer requests (serve.serving.parse_infer_request), without Ray or HTTP."""
+"""Validation of v2 infer requests (serve.protocol.parse_infer_request), without Ray or HTTP."""
 
 import json
 
 import numpy as np
 import pytest
 
-from serve.serving import BadRequest, infer_response, parse_infer_request
+from serve.protocol import BadRequest, infer_response, parse_infer_request
 
 INPUT_SHAPE = [1, 2, 2]  # 4 features
 MAX_ROWS = 3
@@ -13,7 +13,9 @@ MAX_ROWS = 3
 
 def body(shape=(2, 4), data=None, datatype="FP32", name="input", **extra) -> bytes:
     data = list(range(int(np.prod(shape)))) if data is None else data
-    return json.dumps({"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}], **extra}).encode()
+    return json.dumps(
+        {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}], **extra}
+    ).encode()
 
 
 def parse(raw: bytes):
@@ -75,11 +77,23 @@ BAD = {
     "bool value": (body(shape=[1, 4], data=[0, True, 2, 3]), 400, "found a boolean"),
     "object value": (body(shape=[1, 4], data=[0, {"v": 1}, 2, 3]), 400, "found an object"),
     "data not list": (body(shape=[1, 4], data="0123"), 400, "must be an array"),
-    "NaN": (b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, NaN, 2, 3]}]}', 400, "NaN"),
-    "Infinity": (b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, -Infinity, 2, 3]}]}', 400, "Infinity"),
+    "NaN": (
+        b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, NaN, 2, 3]}]}',
+        400,
+        "NaN",
+    ),
+    "Infinity": (
+        b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, -Infinity, 2, 3]}]}',
+        400,
+        "Infinity",
+    ),
     "beyond float32": (body(shape=[1, 4], data=[0, 1e39, 2, 3]), 400, "finite FP32"),
     "huge int": (body(shape=[1, 4], data=[0, 10**400, 2, 3]), 400, "finite FP32"),
-    "1e999": (b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, 1e999, 2, 3]}]}', 400, "finite FP32"),
+    "1e999": (
+        b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, 1e999, 2, 3]}]}',
+        400,
+        "finite FP32",
+    ),
     "deep nesting": (b"[" * 30000 + b"]" * 30000, 400, "not valid JSON"),
     "id not string": (body(id=7), 400, "'id' must be a string"),
     "too many rows": (body(shape=[4, 4]), 413, "at most 3"),
@@ -105,7 +119,9 @@ def test_too_many_rows_is_refused_before_reading_data():
 
 def test_infer_response_layout():
     probabilities = np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32)
-    response = infer_response(model="m", version=3, request_id="x", result={"probabilities": probabilities, "label": np.array([1, 0])})
+    response = infer_response(
+        model="m", version=3, request_id="x", result={"probabilities": probabilities, "label": np.array([1, 0])}
+    )
     assert response["model_name"] == "m" and response["model_version"] == "3" and response["id"] == "x"
     probs, labels = response["outputs"]
     assert probs == {"name": "probabilities", "shape": [2, 2], "datatype": "FP32", "data": [0.25, 0.75, 0.5, 0.5]}
@@ -124,14 +140,18 @@ def test_serve_app_args_compose_a_pipeline_config():
     with pytest.raises(ValueError, match="unknown serve app args \\['port'\\]"):
         config_from_args({"storage_root": "/tmp/x", "model": "m", "ref": "production", "port": 9000})
     with pytest.raises(ValueError, match="serve.max_replicas"):
-        config_from_args({"storage_root": "/tmp/x", "model": "m", "ref": "production", "min_replicas": 3, "max_replicas": 1})
+        config_from_args(
+            {"storage_root": "/tmp/x", "model": "m", "ref": "production", "min_replicas": 3, "max_replicas": 1}
+        )
 
 
 def test_non_finite_values_pass_when_configured():
     raw = b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, NaN, -Infinity, 1e39]}]}'
     rows = parse_infer_request(raw, INPUT_SHAPE, MAX_ROWS, allow_non_finite=True).rows
     assert np.isnan(rows[0, 1]) and rows[0, 2] == -np.inf and rows[0, 3] == np.inf
-    huge = parse_infer_request(body(shape=[1, 4], data=[0, 10**400, -(10**400), 3]), INPUT_SHAPE, MAX_ROWS, allow_non_finite=True)
+    huge = parse_infer_request(
+        body(shape=[1, 4], data=[0, 10**400, -(10**400), 3]), INPUT_SHAPE, MAX_ROWS, allow_non_finite=True
+    )
     assert huge.rows[0, 1] == np.inf and huge.rows[0, 2] == -np.inf
 
 

@@ -1,0 +1,113 @@
+"""Checks that relate two sections of a config, in one place.
+
+A field's own range check sits in its dataclass (`orchestrator.config.schema`); what only makes sense
+across sections (a pipeline plan against the batch and the workers, a schedule against the model's
+stages and the epoch budget, search-space paths against the schema) is checked here. `to_config` runs
+`validate` on every config it builds; the training loop calls `check_schedule` again for user models,
+whose stages are known only once they are built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Sequence
+
+from orchestrator.config.schema import (
+    HEAD,
+    ModelConfig,
+    ParallelStrategy,
+    PhaseConfig,
+    PipelineConfig,
+    PipelineSchedule,
+    ScheduleConfig,
+    ScheduleKind,
+    _require,
+    iter_search_space,
+)
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Raise ValueError naming the field where two sections of `cfg` do not fit together."""
+    check_parallel_plan(cfg)
+    stages = builtin_stage_names(cfg.model)
+    if stages:  # a user model's stages are checked when it is built
+        check_schedule(cfg.schedule, stages, epochs=cfg.train.epochs)
+    check_search_space(cfg)
+
+
+def check_parallel_plan(cfg: PipelineConfig) -> None:
+    """The pipeline plan's micro-batches against train.batch_size and scaling.num_workers."""
+    parallel = cfg.parallel
+    if parallel.strategy != ParallelStrategy.pipeline:
+        return
+    _require(cfg.train.batch_size % parallel.microbatches == 0, "parallel.microbatches",
+             f"must divide train.batch_size ({cfg.train.batch_size}), got {parallel.microbatches}")
+    if parallel.pipeline_schedule == PipelineSchedule("1f1b"):  # torch's 1F1B needs a micro-batch per stage in flight
+        _require(parallel.microbatches >= cfg.scaling.num_workers, "parallel.microbatches",
+                 f"must be >= scaling.num_workers ({cfg.scaling.num_workers}) for 1f1b, got {parallel.microbatches}")
+
+
+def check_search_space(cfg: PipelineConfig) -> None:
+    """Every tune.search_space leaf must name a field of the config."""
+    for path, _ in iter_search_space(cfg.tune.search_space):
+        _require(_has_field(cfg, path), f"tune.search_space.{path}", "names no config field")
+
+
+def _has_field(obj: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def builtin_stage_names(model: ModelConfig) -> List[str]:
+    """Stage names of a built-in model (as orchestrator.training.models builds them), or [] for a `_target_` model."""
+    if model._target_:
+        return []
+    if model.name == "cnn":
+        return [f"conv{i}" for i in range(len(model.channels))] + ["dense"]
+    return [f"block{i}" for i in range(len(model.hidden))]
+
+
+def phase_count(schedule: ScheduleConfig, stages: Sequence[str]) -> int:
+    """Phases `schedule` has on a model with `stages`."""
+    if schedule.kind == ScheduleKind.custom:
+        return len(schedule.phases)
+    if schedule.kind == ScheduleKind.layerwise:
+        return len(stages) + int(schedule.finetune)
+    if schedule.kind == ScheduleKind.gradual_unfreeze:
+        return len(stages) + 1  # the head alone, then one more stage unfrozen per phase
+    return 1
+
+
+def check_schedule(schedule: ScheduleConfig, stages: Sequence[str], *, epochs: int) -> None:
+    """Raise ValueError naming the field if `schedule` cannot run on a model with `stages` in `epochs`
+    (train.epochs) epochs."""
+    stages = list(stages)
+    if schedule.kind == ScheduleKind.custom:
+        for index, phase in enumerate(schedule.phases):
+            check_custom_phase(index, phase, stages)
+        return
+    count = phase_count(schedule, stages)
+    if schedule.phase_epochs:
+        given = len(schedule.phase_epochs)
+        _require(given == count, "schedule.phase_epochs",
+                 f"has {given} entries, but schedule.kind={schedule.kind} has {count} phases on this model")
+    else:
+        _require(epochs >= count, "train.epochs",
+                 f"must be >= {count} (one per phase of schedule.kind={schedule.kind}), got {epochs}")
+
+
+def check_custom_phase(index: int, phase: PhaseConfig, stages: List[str]) -> None:
+    """A custom phase's output and trainable names must be stages of the model (or HEAD), at or below its output."""
+    name = f"schedule.phases[{index}]"
+    _require(phase.output == HEAD or phase.output in stages, f"{name}.output",
+             f"must be 'head' or one of the stages {stages}, got {phase.output!r}")
+    path = stages if phase.output == HEAD else stages[: stages.index(phase.output) + 1]
+    named = [*stages, HEAD] if phase.trainable == ["*"] else list(phase.trainable)
+    unknown = [n for n in named if n not in {*stages, HEAD}]
+    _require(not unknown, f"{name}.trainable",
+             f"names {unknown}, which are not stages of this model {stages} or 'head'")
+    outside = [n for n in named if n != HEAD and n not in path]
+    _require(not outside, f"{name}.trainable", f"has {outside} above its output stage {phase.output!r}")

@@ -1,0 +1,133 @@
+"""The rollout controller: the one replica owning the routing table (stable, candidate, split),
+the admin actions, automatic rollback and the weights refs; ingress replicas sync with it."""
+
+import dataclasses
+import logging
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+import ray
+from ray import serve
+
+from orchestrator.registry.store import ModelRegistry, ModelVersion, RegistryError
+from serve.calls import to_answer
+from serve.names import CONTROLLER_DEPLOYMENT, model_id
+from serve.rollout import RollbackPolicy, Route, RouteTable
+from serve.weights import weights_ref
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name=CONTROLLER_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+class RolloutController:
+    """The one routing table of the app: which version serves each model's unversioned traffic,
+    the canary split, promotion, rollback (by request or by the policy), and the weights refs."""
+
+    def __init__(self, *, root: str, default_ref: str, model: str, version: int, weights: Dict[str, ray.ObjectRef],
+                 rollout):
+        self._registry = ModelRegistry(root)
+        self._root, self._default_ref = root, default_ref
+        self._table = RouteTable(RollbackPolicy(rollout))
+        self._versions: Dict[Tuple[str, int], ModelVersion] = {}
+        self._weights: Dict[Tuple[str, int], ray.ObjectRef] = {}
+        # Serve runs sync methods in a thread pool: one lock keeps each step whole.
+        self._lock = threading.RLock()
+        self._versions[(model, version)] = self._registry.get(model, version)
+        self._weights[(model, version)] = weights["ref"]
+        self._table.add(model, version)
+
+    def snapshot(self) -> Dict[str, Any]:
+        """{"routes": {model: Route fields}, "signatures": {model id: signature}} for the ingress."""
+        with self._lock:
+            signatures = {model_id(m, v): mv.signature for (m, v), mv in self._versions.items()}
+            routes = {m: dataclasses.asdict(r) for m, r in self._table.routes.items()}
+            return {"routes": routes, "signatures": signatures}
+
+    def sync(self, outcomes: List[Tuple[str, int, bool, float]]) -> Dict[str, Any]:
+        """Take an ingress replica's outcomes (for the rollback policy); the current snapshot."""
+        with self._lock:
+            for event in self._table.report(outcomes):
+                log.warning("automatic rollback of %s: %s", event["model"], event["reason"])
+        return self.snapshot()
+
+    def serve_model(self, model: str) -> Dict[str, Any]:
+        """Start routing `model` (at the default alias, or its latest version without one)."""
+        def add():
+            with self._lock:
+                if model not in self._table.routes:
+                    ref = self._default_ref if self._has_ref(model, self._default_ref) else "latest"
+                    self._table.add(model, self._load(model, ref).version)
+            return self.snapshot()
+        return to_answer(add)
+
+    def resolve(self, model: str, ref: str) -> Dict[str, Any]:
+        """{"version", "signature"} of `ref` (number or alias) of `model`, weights loaded."""
+        def find():
+            version = self._load(model, ref)
+            return {"version": version.version, "signature": version.signature}
+        return to_answer(find)
+
+    def weights(self, model: str, version: int) -> Dict[str, Any]:
+        """{"ref", "manifest"} of a version, for a replica to build it (a ref in a dict stays a ref)."""
+        mv = self._load(model, str(version))
+        return {"ref": self._weights[(model, mv.version)], "manifest": mv.manifest}
+
+    def start(self, model: str, ref: str, percent: float) -> Dict[str, Any]:
+        def act():
+            version = self._load(model, ref).version
+            with self._lock:
+                self._table.start(model, version, percent)
+                return self._table.status(model)
+        return to_answer(act)
+
+    def promote(self, model: str) -> Dict[str, Any]:
+        def act():
+            with self._lock:
+                route = self._table.promote(model)
+                self._persist(model, route)
+                return self._table.status(model)
+        return to_answer(act)
+
+    def rollback(self, model: str) -> Dict[str, Any]:
+        def act():
+            with self._lock:
+                had_candidate = model in self._table.routes and self._table.routes[model].candidate is not None
+                route = self._table.rollback(model, lambda v: self._older(model, v))
+                if not had_candidate:
+                    self._load(model, str(route.stable))
+                    self._persist(model, route)
+                return self._table.status(model)
+        return to_answer(act)
+
+    def status(self, model: str) -> Dict[str, Any]:
+        def act():
+            with self._lock:
+                return self._table.status(model)
+        return to_answer(act)
+
+    def _load(self, model: str, ref: str) -> ModelVersion:
+        number = self._registry.resolve(model, ref)
+        with self._lock:
+            if (model, number) not in self._versions:
+                version = self._registry.get(model, number)
+                self._weights[(model, number)] = weights_ref(self._root, version)
+                self._versions[(model, number)] = version
+            return self._versions[(model, number)]
+
+    def _has_ref(self, model: str, ref: str) -> bool:
+        try:
+            self._registry.resolve(model, ref)
+            return True
+        except RegistryError:
+            if not self._registry.versions(model):
+                raise
+            return False
+
+    def _older(self, model: str, version: int) -> Optional[int]:
+        return max((v for v in self._registry.versions(model) if v < version), default=None)
+
+    def _persist(self, model: str, route: Route) -> None:
+        # Promotion and rollback move the deploy alias too, so the next deploy starts where this one is.
+        ref = self._default_ref
+        if not ref.isdigit() and ref != "latest":
+            self._registry.set_alias(model, ref, route.stable)

@@ -1,0 +1,60 @@
+"""Weights in the object store: one detached holder actor per version puts them there once, and
+every replica reads that copy zero-copy."""
+
+from typing import Dict, Optional
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from orchestrator.registry.store import WEIGHTS, ModelRegistry, ModelVersion
+from serve.names import NAMESPACE
+
+
+@ray.remote(num_cpus=0)
+class _WeightsHolder:
+    """Owns the object-store copy of one version's weights for as long as it lives.
+
+    An object lives only as long as its owner. A ref put by a `serve deploy` build task, or by a
+    driver that exits after deploying, would die with it; this detached actor outlives both.
+    """
+
+    def __init__(self):
+        self._ref: Optional[ray.ObjectRef] = None
+
+    def load(self, root: str, model: str, version: int) -> Dict[str, ray.ObjectRef]:
+        # Verify on every call, not only the first: a build must fail on a tampered file even
+        # when an earlier, verified copy is already held.
+        _, weights = ModelRegistry(root).load(model, version)
+        if self._ref is None:
+            self._ref = ray.put(weights)
+        return {"ref": self._ref}  # in a dict so the caller receives the ref, not the arrays
+
+    def holds_weights(self) -> bool:
+        return self._ref is not None
+
+
+def weights_holder_name(version: ModelVersion) -> str:
+    """Name of the detached actor holding `version`'s weights (namespace "orchestrator").
+
+    The weights digest is part of the name: two registries that both have a 'v1' of a model
+    never share a holder unless their weights are identical.
+    """
+    return f"weights:{version.model}:v{version.version}:{version.manifest['files'][WEIGHTS][:12]}"
+
+
+def weights_ref(root: str, version: ModelVersion) -> ray.ObjectRef:
+    """The shared object-store copy of `version`'s weights, verified against the registry.
+
+    Raises IntegrityError when the registry files do not match their checksums.
+    """
+    holder = _WeightsHolder.options(
+        name=weights_holder_name(version), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        # Next to the caller, which can read the storage root (a local root may exist only there).
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+    ).remote()
+    try:
+        return ray.get(holder.load.remote(root, version.model, version.version))["ref"]
+    except ray.exceptions.RayTaskError as err:
+        if not ray.get(holder.holds_weights.remote()):
+            ray.kill(holder)  # an empty holder would only keep a process alive
+        raise err.cause from None
