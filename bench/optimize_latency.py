@@ -37,7 +37,7 @@ from orchestrator.config import (
 )
 from orchestrator.flows import connected
 from orchestrator.optimize.run import needs_ray, run_optimize
-from orchestrator.registry.store import ModelRegistry, signature_for
+from orchestrator.registry import ModelRegistry, signature_for
 from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.training.models import build_model
 

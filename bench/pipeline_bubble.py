@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from orchestrator.config import ParallelConfig, TrainConfig  # noqa: E402
+from orchestrator.config import Optimizer, ParallelConfig, ParallelStrategy, TrainConfig  # noqa: E402
 from orchestrator.training.parallel import PipelineRunner  # noqa: E402
 
 MICROBATCHES = (1, 2, 4, 8)
@@ -73,11 +73,11 @@ def worker(rank: int, port: int, args, results) -> None:
     stage_input = x if rank == 0 else torch.randn(args.batch, args.width, generator=generator).requires_grad_()
     rows = {}
     for schedule, m in RUNS:
-        cfg = ParallelConfig(strategy="pipeline", pipeline_schedule=schedule, microbatches=m)
+        cfg = ParallelConfig(strategy=ParallelStrategy.pipeline, pipeline_schedule=schedule, microbatches=m)
         runner = PipelineRunner(
             model,
             [{"params": list(model.parameters()), "lr": 0.01}],
-            TrainConfig(optimizer="sgd", lr=0.01),
+            TrainConfig(optimizer=Optimizer.sgd, lr=0.01),
             cfg,
             torch.device("cpu"),
         )

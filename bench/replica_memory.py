@@ -26,8 +26,8 @@ from ray import serve
 
 from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, to_dict
 from orchestrator.flows import connected
+from orchestrator.registry import ModelRegistry, signature_for
 from orchestrator.registry.servable import build_servable
-from orchestrator.registry.store import ModelRegistry, signature_for
 from orchestrator.training.models import build_model
 from serve.deploy import run_deploy
 from serve.names import MODEL_DEPLOYMENT, model_id

@@ -33,8 +33,8 @@ import torch
 
 from orchestrator.config import PipelineConfig, ServeConfig, StorageConfig, to_config
 from orchestrator.flows import connected
+from orchestrator.registry import ModelRegistry
 from orchestrator.registry.servable import build_servable
-from orchestrator.registry.store import ModelRegistry
 from orchestrator.training.models import build_model
 from serve.deploy import run_deploy
 from serve.names import MODEL_DEPLOYMENT
@@ -49,7 +49,7 @@ FASTAPI_APP = textwrap.dedent("""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from serve.protocol import BadRequest, infer_response, parse_infer_request
-    from orchestrator.registry.store import ModelRegistry
+    from orchestrator.registry import ModelRegistry
     from orchestrator.registry.servable import build_servable
 
     torch.set_num_threads(1)

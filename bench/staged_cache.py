@@ -29,6 +29,7 @@ from orchestrator.config import (  # noqa: E402
     PipelineConfig,
     ScalingConfig,
     ScheduleConfig,
+    ScheduleKind,
     StorageConfig,
     TrackingConfig,
     TrainConfig,
@@ -46,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     root = f"file://{tempfile.mkdtemp(prefix='staged-cache-')}"
 
-    def cfg(kind: str, cache: bool) -> PipelineConfig:
+    def cfg(kind: ScheduleKind, cache: bool) -> PipelineConfig:
         return PipelineConfig(
             model=ModelConfig(hidden=args.hidden), train=TrainConfig(epochs=args.epochs),
             schedule=ScheduleConfig(kind=kind, cache_frozen=cache), scaling=ScalingConfig(num_workers=args.workers),
@@ -54,13 +55,13 @@ def main() -> None:
         )
 
     runs = {}
-    with connected(cfg("end_to_end", True)):
-        info = prepare_dataset(cfg("end_to_end", True).data, root)
+    with connected(cfg(ScheduleKind.end_to_end, True)):
+        info = prepare_dataset(cfg(ScheduleKind.end_to_end, True).data, root)
         datasets = ray_datasets(info)
         for name, kind, cache in (
-            ("layerwise+cache", "layerwise", True),
-            ("layerwise", "layerwise", False),
-            ("end_to_end", "end_to_end", False),
+            ("layerwise+cache", ScheduleKind.layerwise, True),
+            ("layerwise", ScheduleKind.layerwise, False),
+            ("end_to_end", ScheduleKind.end_to_end, False),
         ):
             started = time.perf_counter()
             result = run_train(dataclasses.replace(cfg(kind, cache), run_name=name.replace('+', '-')), info, datasets)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from orchestrator.config import require
 from orchestrator.runtime import RAY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,19 +87,19 @@ class ClusterSpec:
     sooner. A host that is alive but slow still gets Ray's 10 s per check before a check fails."""
 
     def __post_init__(self) -> None:
-        _require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
-        _require(self.head_cpus >= 0, "head_cpus", f"must be >= 0, got {self.head_cpus}")
-        _require(self.worker_cpus >= 1, "worker_cpus", f"must be >= 1, got {self.worker_cpus}")
-        _require(
+        require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        require(self.head_cpus >= 0, "head_cpus", f"must be >= 0, got {self.head_cpus}")
+        require(self.worker_cpus >= 1, "worker_cpus", f"must be >= 1, got {self.worker_cpus}")
+        require(
             self.object_store_mb >= 80, "object_store_mb", f"must be >= 80 (Ray's minimum), got {self.object_store_mb}"
         )
-        _require(
+        require(
             self.base_port == 0 or 1024 < self.base_port < 65000,
             "base_port",
             f"must be 0 or in 1025..64999, got {self.base_port}",
         )
-        _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
-        _require(self.dead_node_after_s >= 1, "dead_node_after_s", f"must be >= 1, got {self.dead_node_after_s}")
+        require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
+        require(self.dead_node_after_s >= 1, "dead_node_after_s", f"must be >= 1, got {self.dead_node_after_s}")
 
 
 @dataclass(kw_only=True)
@@ -589,11 +590,6 @@ def _node(cluster: LocalCluster, name: str) -> Node:
     if name not in cluster.nodes:
         raise ValueError(f"node must be one of {sorted(cluster.nodes)}, got {name!r}")
     return cluster.nodes[name]
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} {message}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
+from orchestrator.client import check_endpoint
 from orchestrator.config import PipelineConfig, to_config, to_dict
-from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.optimize.run import OptimizeResult, run_optimize
 from orchestrator.registry.store import ModelRegistry, ModelVersion, signature_for
 from orchestrator.runtime import ensure_ray
-from orchestrator.client import check_endpoint
-from serve.deploy import DeployResult, run_deploy
-from orchestrator.training.sweep import SweepResult, run_sweep
+from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.training.loop import TrainResult, checkpoint_weights
+from orchestrator.training.sweep import SweepResult, run_sweep
+from serve.deploy import DeployResult, run_deploy
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +67,14 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
     `cfg` must be the configuration the run trained with (a sweep's best trial: base + overrides);
     it is recorded in full so the version can be rebuilt and served.
     """
-    info = result.data
     registry = ModelRegistry(cfg.storage.root)
+    weights = checkpoint_weights(cfg.storage.root, result.checkpoint_path)  # refuses a torn checkpoint first
+    info = result.data
+    if info is None:
+        raise ValueError("register_run needs a TrainResult that names its dataset (result.data)")
     version = registry.register(
         cfg.registry.model_name,
-        checkpoint_weights(cfg.storage.root, result.checkpoint_path),
+        weights,
         metrics={**result.metrics, "history": result.history},
         config=to_dict(cfg),
         lineage={**lineage, "checkpoint": result.checkpoint_path, "data_digest": info.digest, "data_url": info.url},
@@ -105,12 +107,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     answer = check_endpoint(deployment, features[:CHECK_ROWS])
     predicted = np.asarray(next(o for o in answer["outputs"] if o["name"] == "label")["data"])
     accuracy = float((predicted == labels[:CHECK_ROWS]).mean())
-    return PipelineResult(sweep=sweep, version=version, deployment=deployment, endpoint_accuracy=accuracy, optimize=optimized)
-
-
-def print_summary(summary: Dict[str, Any]) -> None:
-    """One JSON line on stdout: what scripts and tests read."""
-    print(json.dumps(summary, default=str), flush=True)
+    return PipelineResult(
+        sweep=sweep, version=version, deployment=deployment, endpoint_accuracy=accuracy, optimize=optimized
+    )
 
 
 def serve_until_interrupted(cfg: PipelineConfig, *, shutdown_timeout_s: float = 60.0) -> None:

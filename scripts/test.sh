@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# README's test command: set up .venv if needed, then run the test tiers, fastest first (unit, integration, e2e).
+# README's test command: set up .venv if needed, lint and type-check, then run the test tiers, fastest first
+# (unit, integration, e2e).
 #   bash scripts/test.sh                  # everything
 #   bash scripts/test.sh -m "not slow"    # the development loop: unit + quick integration, a few minutes
 #   bash scripts/test.sh -m slow          # the rest: clusters, jobs, long Ray runs and killed processes
@@ -7,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/lint.sh
 export WANDB_MODE=offline RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS=0 RAY_USAGE_STATS_ENABLED=0
 # --durations: every run names its slowest tests, so a suite that grows slower says where.
 exec .venv/bin/python -m pytest -ra --timeout=900 --durations=15 "$@"

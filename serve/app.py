@@ -22,7 +22,7 @@ import ray
 from ray import serve
 
 from orchestrator.config import PipelineConfig, ServeConfig, to_config
-from orchestrator.registry.store import ModelRegistry, ModelVersion
+from orchestrator.registry import ModelRegistry, ModelVersion
 from serve.auth import api_key_for_deploy, keys_url
 from serve.config_file import NOT_ARGS, REQUIRED_ARGS
 from serve.controller import RolloutController
@@ -44,13 +44,16 @@ def build_app(cfg: PipelineConfig, ref: str) -> serve.Application:
 
 def _bind(cfg: PipelineConfig, version: ModelVersion, ref: ray.ObjectRef) -> serve.Application:
     s = cfg.serve
-    controller = RolloutController.options(health_check_period_s=s.health_check_period_s).bind(
+    # @serve.deployment turns each class into a Deployment at runtime; its annotations keep the class type.
+    controller = RolloutController.options(  # type: ignore[attr-defined]
+        health_check_period_s=s.health_check_period_s
+    ).bind(
         root=cfg.storage.root, default_ref=s.model_version, model=version.model, version=version.version,
         weights={"ref": ref}, rollout=s.rollout,
     )
     # A replica never batches more requests than it may hold at once: leave room for a full batch.
     per_replica = max(s.max_batch_size, int(np.ceil(s.target_ongoing_requests)))
-    model_server = ModelServer.options(
+    model_server = ModelServer.options(  # type: ignore[attr-defined]
         autoscaling_config={
             "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests, "downscale_delay_s": s.downscale_delay_s,
@@ -62,7 +65,7 @@ def _bind(cfg: PipelineConfig, version: ModelVersion, ref: ray.ObjectRef) -> ser
         batch_wait_timeout_s=s.batch_wait_timeout_s, max_models=s.max_models_per_replica,
     )
     # The ingress admits more than its queue limit so that it, not the proxy, answers 503 + Retry-After.
-    ingress = V2Ingress.options(
+    ingress = V2Ingress.options(  # type: ignore[attr-defined]
         num_replicas=s.ingress_replicas, max_ongoing_requests=s.limits.max_pending_requests + 32,
         health_check_period_s=s.health_check_period_s,
     )

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from orchestrator.client import API_KEY_ENV
-from orchestrator.config.schema import PipelineConfig
+from orchestrator.config import PipelineConfig
 from orchestrator.registry import storage
 from serve.protocol import BadRequest
 

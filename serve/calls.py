@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable, Dict
 
 from ray.exceptions import RayActorError, RayTaskError
 
-from orchestrator.registry.store import IntegrityError, RegistryError
+from orchestrator.registry import IntegrityError, RegistryError
 from serve.protocol import BadRequest
 from serve.rollout import RolloutError
 

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import ray
 from ray import serve
 
-from orchestrator.registry.store import ModelRegistry, ModelVersion, RegistryError
+from orchestrator.registry import ModelRegistry, ModelVersion, RegistryError
 from serve.calls import to_answer
 from serve.names import CONTROLLER_DEPLOYMENT, model_id
 from serve.rollout import RollbackPolicy, Route, RouteTable

@@ -6,8 +6,8 @@ from typing import Optional
 from ray import serve
 
 from orchestrator.client import wait_until_ready
-from orchestrator.config.schema import PipelineConfig
-from orchestrator.registry.store import ModelRegistry
+from orchestrator.config import PipelineConfig
+from orchestrator.registry import ModelRegistry
 from serve.app import build_app
 from serve.auth import api_key_for_deploy
 

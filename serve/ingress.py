@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from orchestrator.config.schema import ServeConfig
+from orchestrator.config import ServeConfig
 from serve.auth import Authenticator, KeyStore
 from serve.calls import READY_TIMEOUT_S, REPLICA_DEATH_RETRIES, awaited, from_answer, replica_died
 from serve.errors import EXCEPTION_HANDLERS, error_response

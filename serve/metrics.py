@@ -3,12 +3,15 @@
 Recorded with `ray.serve.metrics` inside the replicas; Ray exports them (prefixed `ray_`) on each
 node's metrics endpoint (`ray start --metrics-export-port`, or the port `ray.init` picked), which
 Prometheus scrapes as it scrapes any Ray cluster. Serve adds deployment, replica and app tags.
+
+ray.serve.metrics annotates `tag_keys` as `Tuple[str]` (exactly one key) though it takes any number:
+hence the `type: ignore[arg-type]` on each.
 """
 
-from typing import Optional
+from typing import List, Optional
 
-LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+LATENCY_BOUNDARIES_MS: List[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+BATCH_BOUNDARIES: List[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class IngressMetrics:
@@ -20,22 +23,22 @@ class IngressMetrics:
 
         self.requests = metrics.Counter(
             "orchestrator_requests", description="Infer requests answered, by model, version and HTTP status.",
-            tag_keys=("model", "version", "status"),
+            tag_keys=("model", "version", "status"),  # type: ignore[arg-type]  # see the module docstring
         )
         self.errors = metrics.Counter(
             "orchestrator_request_errors",
             description="Infer requests answered with a 4xx or 5xx, by model, version and HTTP status.",
-            tag_keys=("model", "version", "status"),
+            tag_keys=("model", "version", "status"),  # type: ignore[arg-type]  # see the module docstring
         )
         self.latency = metrics.Histogram(
             "orchestrator_request_latency_ms",
             description="Infer latency inside the ingress (ms), by model and version.",
-            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model", "version"),
+            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model", "version"),  # type: ignore[arg-type]
         )
         self.retries = metrics.Counter(
             "orchestrator_request_retries",
             description="Infer requests sent again because their model replica died, by model and version.",
-            tag_keys=("model", "version"),
+            tag_keys=("model", "version"),  # type: ignore[arg-type]
         )
 
     def record(self, model: str, version: Optional[int], status: int, latency_ms: float) -> None:
@@ -57,7 +60,7 @@ class BatchMetrics:
 
         self.batch_size = metrics.Histogram(
             "orchestrator_batch_size", description="Requests per forward pass, by model and version.",
-            boundaries=BATCH_BOUNDARIES, tag_keys=("model", "version"),
+            boundaries=BATCH_BOUNDARIES, tag_keys=("model", "version"),  # type: ignore[arg-type]
         )
 
     def record(self, model: str, version: int, requests: int) -> None:

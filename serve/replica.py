@@ -45,8 +45,9 @@ class ModelServer:
 
         # Wrapped here, not decorated on the class, so the LRU size comes from the config.
         self.load_model = serve.multiplexed(max_num_models_per_replica=max_models)(load_model)
-        self._predict_batch.set_max_batch_size(max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # @serve.batch adds these setters at runtime; its annotations keep the plain method's type.
+        self._predict_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self._predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     async def _load(self, mid: str) -> LoadedModel:
         model, version = split_model_id(mid)

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from orchestrator.config.schema import RolloutConfig
+from orchestrator.config import RolloutConfig
 
 Outcome = Tuple[str, int, bool, float]
 """(model, version, ok, latency_ms) of one infer request; ok is False for a 5xx or a timeout."""

@@ -6,7 +6,7 @@ from typing import Dict, Optional
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.registry.store import WEIGHTS, ModelRegistry, ModelVersion
+from orchestrator.registry import WEIGHTS, ModelRegistry, ModelVersion
 from serve.names import NAMESPACE
 
 
@@ -47,7 +47,7 @@ def weights_ref(root: str, version: ModelVersion) -> ray.ObjectRef:
 
     Raises IntegrityError when the registry files do not match their checksums.
     """
-    holder = _WeightsHolder.options(
+    holder = _WeightsHolder.options(  # type: ignore[attr-defined]  # @ray.remote makes it an ActorClass
         name=weights_holder_name(version), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         # Next to the caller, which can read the storage root (a local root may exist only there).
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),

@@ -49,7 +49,9 @@ from orchestrator.config.schema import (
     TrainConfig,
     TuneConfig,
     TuneScheduler,
+    is_identifier,
     iter_search_space,
+    require,
 )
 from orchestrator.config.validation import builtin_stage_names, check_schedule, phase_count, validate
 
@@ -61,6 +63,6 @@ __all__ = [
     "TrackingConfig", "TrainConfig", "TuneConfig",
     "BuiltinModel", "Choice", "DistBackend", "ExportJob", "ExportKind", "MetricMode", "OptimizeMethod", "Optimizer",
     "ParallelStrategy", "PipelineSchedule", "QuantBackend", "ScheduleKind", "TrackingMode", "TuneScheduler",
-    "builtin_stage_names", "check_schedule", "iter_search_space", "phase_count", "register_configs", "to_config",
-    "to_dict", "validate",
+    "builtin_stage_names", "check_schedule", "is_identifier", "iter_search_space", "phase_count", "register_configs",
+    "require", "to_config", "to_dict", "validate",
 ]

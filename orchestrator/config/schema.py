@@ -115,7 +115,8 @@ EXPORT_KINDS: Tuple[str, ...] = tuple(k.value for k in ExportKind if k is not Ex
 C = TypeVar("C", bound=Choice)
 
 
-def _require(ok: bool, name: str, message: str) -> None:
+def require(ok: bool, name: str, message: str) -> None:
+    """Raise ValueError("<name> <message>") unless `ok`: how every config check names its field."""
     if not ok:
         raise ValueError(f"{name} {message}")
 
@@ -152,12 +153,12 @@ class DataConfig:
     """Classes when source='synthetic'."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.source), "data.source", "must be 'digits', 'synthetic' or a Parquet URL, got an empty value")
-        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        _require(all(d > 0 for d in self.input_shape), "data.input_shape", f"must be positive, got {self.input_shape}")
-        _require(self.synthetic_samples >= 10, "data.synthetic_samples", "must be >= 10")
-        _require(self.synthetic_features >= 1, "data.synthetic_features", "must be >= 1")
-        _require(self.synthetic_classes >= 2, "data.synthetic_classes", "must be >= 2")
+        require(bool(self.source), "data.source", "must be 'digits', 'synthetic' or a Parquet URL, got an empty value")
+        require(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        require(all(d > 0 for d in self.input_shape), "data.input_shape", f"must be positive, got {self.input_shape}")
+        require(self.synthetic_samples >= 10, "data.synthetic_samples", "must be >= 10")
+        require(self.synthetic_features >= 1, "data.synthetic_features", "must be >= 1")
+        require(self.synthetic_classes >= 2, "data.synthetic_classes", "must be >= 2")
 
 
 @dataclass(kw_only=True)
@@ -179,13 +180,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.name = _choice(self.name, "model.name", BuiltinModel)
         if self._target_ is not None:
-            _require("." in self._target_, "model._target_",
-                     f"must be an import path like 'pkg.module.Class', got {self._target_!r}")
-        _require(len(self.hidden) >= 1 and all(h > 0 for h in self.hidden), "model.hidden",
-                 f"must be positive widths, got {self.hidden}")
-        _require(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "model.channels",
-                 f"must be positive, got {self.channels}")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+            require("." in self._target_, "model._target_",
+                    f"must be an import path like 'pkg.module.Class', got {self._target_!r}")
+        require(len(self.hidden) >= 1 and all(h > 0 for h in self.hidden), "model.hidden",
+                f"must be positive widths, got {self.hidden}")
+        require(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "model.channels",
+                f"must be positive, got {self.channels}")
+        require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(kw_only=True)
@@ -205,7 +206,7 @@ class ParallelConfig:
         self.strategy = _choice(self.strategy, "parallel.strategy", ParallelStrategy)
         self.backend = _choice(self.backend, "parallel.backend", DistBackend)
         self.pipeline_schedule = _choice(self.pipeline_schedule, "parallel.pipeline_schedule", PipelineSchedule)
-        _require(self.microbatches >= 1, "parallel.microbatches", f"must be >= 1, got {self.microbatches}")
+        require(self.microbatches >= 1, "parallel.microbatches", f"must be >= 1, got {self.microbatches}")
 
 
 @dataclass(kw_only=True)
@@ -224,11 +225,11 @@ class PhaseConfig:
     """HEAD ('head', the model's head) or a stage name: train through that stage and a fresh auxiliary head on it."""
 
     def __post_init__(self) -> None:
-        _require(len(self.trainable) >= 1, "schedule.phases.trainable", "must name at least one stage, 'head' or '*'")
-        _require(self.epochs >= 1, "schedule.phases.epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.lr_scale > 0, "schedule.phases.lr_scale", f"must be > 0, got {self.lr_scale}")
-        _require(all(v > 0 for v in self.stage_lr_scale.values()), "schedule.phases.stage_lr_scale",
-                 "values must be > 0")
+        require(len(self.trainable) >= 1, "schedule.phases.trainable", "must name at least one stage, 'head' or '*'")
+        require(self.epochs >= 1, "schedule.phases.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.lr_scale > 0, "schedule.phases.lr_scale", f"must be > 0, got {self.lr_scale}")
+        require(all(v > 0 for v in self.stage_lr_scale.values()), "schedule.phases.stage_lr_scale",
+                "values must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -254,12 +255,12 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         self.kind = _choice(self.kind, "schedule.kind", ScheduleKind)
-        _require(all(e >= 1 for e in self.phase_epochs), "schedule.phase_epochs",
-                 f"must all be >= 1, got {self.phase_epochs}")
-        _require(self.finetune_lr_scale > 0, "schedule.finetune_lr_scale", f"must be > 0, got {self.finetune_lr_scale}")
-        _require(0 < self.lr_decay <= 1, "schedule.lr_decay", f"must be in (0, 1], got {self.lr_decay}")
-        _require((self.kind == ScheduleKind.custom) == bool(self.phases), "schedule.phases",
-                 "must be given exactly when schedule.kind=custom")
+        require(all(e >= 1 for e in self.phase_epochs), "schedule.phase_epochs",
+                f"must all be >= 1, got {self.phase_epochs}")
+        require(self.finetune_lr_scale > 0, "schedule.finetune_lr_scale", f"must be > 0, got {self.finetune_lr_scale}")
+        require(0 < self.lr_decay <= 1, "schedule.lr_decay", f"must be in (0, 1], got {self.lr_decay}")
+        require((self.kind == ScheduleKind.custom) == bool(self.phases), "schedule.phases",
+                "must be given exactly when schedule.kind=custom")
 
 
 @dataclass(kw_only=True)
@@ -273,9 +274,9 @@ class CompareConfig:
     """train.seed of each repetition (weights and data order; the split stays fixed)."""
 
     def __post_init__(self) -> None:
-        _require(len(self.schedules) >= 1, "compare.schedules", "must name at least one schedule")
+        require(len(self.schedules) >= 1, "compare.schedules", "must name at least one schedule")
         self.schedules = [_choice(kind, "compare.schedules", ScheduleKind) for kind in self.schedules]
-        _require(len(self.seeds) >= 1, "compare.seeds", "must list at least one seed")
+        require(len(self.seeds) >= 1, "compare.seeds", "must list at least one seed")
 
 
 @dataclass(kw_only=True)
@@ -292,10 +293,10 @@ class ScalingConfig:
     """Intra-op threads per worker; 1 avoids oversubscribing a small machine."""
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
-        _require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        _require(self.local_num_cpus >= 1, "scaling.local_num_cpus", f"must be >= 1, got {self.local_num_cpus}")
-        _require(self.torch_threads >= 1, "scaling.torch_threads", f"must be >= 1, got {self.torch_threads}")
+        require(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        require(self.local_num_cpus >= 1, "scaling.local_num_cpus", f"must be >= 1, got {self.local_num_cpus}")
+        require(self.torch_threads >= 1, "scaling.torch_threads", f"must be >= 1, got {self.torch_threads}")
 
 
 @dataclass(kw_only=True)
@@ -318,13 +319,13 @@ class TrainConfig:
     """Epoch checkpoints kept per run (best by val accuracy)."""
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         self.optimizer = _choice(self.optimizer, "train.optimizer", Optimizer)
-        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
-        _require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
+        require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
+        require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -359,27 +360,27 @@ class TuneConfig:
     tune.search_space.train.lr=[choice,0.01,0.003]; add one with +tune.search_space.model.dropout=[uniform,0,0.3]."""
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, "tune.num_samples", f"must be >= 1, got {self.num_samples}")
-        _require(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be >= 1")
+        require(self.num_samples >= 1, "tune.num_samples", f"must be >= 1, got {self.num_samples}")
+        require(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be >= 1")
         self.scheduler = _choice(self.scheduler, "tune.scheduler", TuneScheduler)
         self.mode = _choice(self.mode, "tune.mode", MetricMode)
-        _require(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
-        _require(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
-        _require(self.trial_cpus > 0, "tune.trial_cpus", "must be > 0 (Ray rejects 0-CPU trials)")
-        _require(self.max_failures >= 0, "tune.max_failures", f"must be >= 0, got {self.max_failures}")
+        require(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
+        require(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
+        require(self.trial_cpus > 0, "tune.trial_cpus", "must be > 0 (Ray rejects 0-CPU trials)")
+        require(self.max_failures >= 0, "tune.max_failures", f"must be >= 0, got {self.max_failures}")
         for path, spec in iter_search_space(self.search_space):
             name = f"tune.search_space.{path}"
-            _require(_is_sampler(spec), name,
-                     f"must be [sampler, *args] with sampler in {list(SAMPLERS)}, got {spec!r}")
+            require(_is_sampler(spec), name,
+                    f"must be [sampler, *args] with sampler in {list(SAMPLERS)}, got {spec!r}")
             sampler, args = spec[0], list(spec[1:])
             if sampler in ("uniform", "loguniform", "randint"):
                 # Check the types first: comparing a string bound would raise a TypeError naming no field.
                 numeric = len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-                _require(numeric and args[0] < args[1], name,
-                         f"needs numbers [low, high] with low < high, got {args!r}")
-                _require(sampler != "loguniform" or args[0] > 0, name, f"loguniform needs low > 0, got {args!r}")
+                require(numeric and args[0] < args[1], name,
+                        f"needs numbers [low, high] with low < high, got {args!r}")
+                require(sampler != "loguniform" or args[0] > 0, name, f"loguniform needs low > 0, got {args!r}")
             else:
-                _require(isinstance(args, list) and len(args) >= 1, name, f"needs a non-empty list, got {args!r}")
+                require(isinstance(args, list) and len(args) >= 1, name, f"needs a non-empty list, got {args!r}")
 
 
 @dataclass(kw_only=True)
@@ -394,7 +395,7 @@ class AuthConfig:
     within this time."""
 
     def __post_init__(self) -> None:
-        _require(self.cache_ttl_s >= 0, "serve.auth.cache_ttl_s", f"must be >= 0, got {self.cache_ttl_s}")
+        require(self.cache_ttl_s >= 0, "serve.auth.cache_ttl_s", f"must be >= 0, got {self.cache_ttl_s}")
 
 
 @dataclass(kw_only=True)
@@ -411,13 +412,13 @@ class LimitsConfig:
     """Accept NaN and +-Infinity in infer data (JSON NaN/Infinity tokens, or values beyond FP32)."""
 
     def __post_init__(self) -> None:
-        _require(self.max_body_bytes >= 1024, "serve.limits.max_body_bytes",
-                 f"must be >= 1024, got {self.max_body_bytes}")
-        _require(self.request_timeout_s > 0, "serve.limits.request_timeout_s",
-                 f"must be > 0, got {self.request_timeout_s}")
-        _require(self.max_pending_requests >= 1, "serve.limits.max_pending_requests",
-                 f"must be >= 1, got {self.max_pending_requests}")
-        _require(self.retry_after_s >= 1, "serve.limits.retry_after_s", f"must be >= 1, got {self.retry_after_s}")
+        require(self.max_body_bytes >= 1024, "serve.limits.max_body_bytes",
+                f"must be >= 1024, got {self.max_body_bytes}")
+        require(self.request_timeout_s > 0, "serve.limits.request_timeout_s",
+                f"must be > 0, got {self.request_timeout_s}")
+        require(self.max_pending_requests >= 1, "serve.limits.max_pending_requests",
+                f"must be >= 1, got {self.max_pending_requests}")
+        require(self.retry_after_s >= 1, "serve.limits.retry_after_s", f"must be >= 1, got {self.retry_after_s}")
 
 
 @dataclass(kw_only=True)
@@ -436,12 +437,12 @@ class RolloutConfig:
     """How often each ingress replica reports outcomes and fetches the routing table."""
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.max_error_rate <= 1.0, "serve.rollout.max_error_rate",
-                 f"must be in [0, 1], got {self.max_error_rate}")
-        _require(self.max_p99_ms > 0, "serve.rollout.max_p99_ms", f"must be > 0, got {self.max_p99_ms}")
-        _require(self.min_requests >= 1, "serve.rollout.min_requests", f"must be >= 1, got {self.min_requests}")
-        _require(self.window_s > 0, "serve.rollout.window_s", f"must be > 0, got {self.window_s}")
-        _require(self.sync_interval_s > 0, "serve.rollout.sync_interval_s", f"must be > 0, got {self.sync_interval_s}")
+        require(0.0 <= self.max_error_rate <= 1.0, "serve.rollout.max_error_rate",
+                f"must be in [0, 1], got {self.max_error_rate}")
+        require(self.max_p99_ms > 0, "serve.rollout.max_p99_ms", f"must be > 0, got {self.max_p99_ms}")
+        require(self.min_requests >= 1, "serve.rollout.min_requests", f"must be >= 1, got {self.min_requests}")
+        require(self.window_s > 0, "serve.rollout.window_s", f"must be > 0, got {self.window_s}")
+        require(self.sync_interval_s > 0, "serve.rollout.sync_interval_s", f"must be > 0, got {self.sync_interval_s}")
 
 
 @dataclass(kw_only=True)
@@ -495,21 +496,21 @@ class ServeConfig:
     """Keep serving after the pipeline finishes (False: exit right after the endpoint check)."""
 
     def __post_init__(self) -> None:
-        _require(1 <= self.port <= 65535, "serve.port", f"must be a TCP port, got {self.port}")
-        _require(bool(self.model_version), "serve.model_version", "must not be empty")
-        _require(self.min_replicas >= 0, "serve.min_replicas", f"must be >= 0, got {self.min_replicas}")
-        _require(self.max_replicas >= max(1, self.min_replicas), "serve.max_replicas",
-                 f"must be >= 1 and >= serve.min_replicas ({self.min_replicas}), got {self.max_replicas}")
-        _require(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
-        _require(self.downscale_delay_s >= 0, "serve.downscale_delay_s", "must be >= 0")
-        _require(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
-        _require(self.ingress_replicas >= 1, "serve.ingress_replicas", f"must be >= 1, got {self.ingress_replicas}")
-        _require(self.health_check_period_s > 0, "serve.health_check_period_s",
-                 f"must be > 0, got {self.health_check_period_s}")
-        _require(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
-        _require(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
-        _require(self.max_models_per_replica >= 1, "serve.max_models_per_replica", "must be >= 1")
-        _require(self.max_rows_per_request >= 1, "serve.max_rows_per_request", "must be >= 1")
+        require(1 <= self.port <= 65535, "serve.port", f"must be a TCP port, got {self.port}")
+        require(bool(self.model_version), "serve.model_version", "must not be empty")
+        require(self.min_replicas >= 0, "serve.min_replicas", f"must be >= 0, got {self.min_replicas}")
+        require(self.max_replicas >= max(1, self.min_replicas), "serve.max_replicas",
+                f"must be >= 1 and >= serve.min_replicas ({self.min_replicas}), got {self.max_replicas}")
+        require(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
+        require(self.downscale_delay_s >= 0, "serve.downscale_delay_s", "must be >= 0")
+        require(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
+        require(self.ingress_replicas >= 1, "serve.ingress_replicas", f"must be >= 1, got {self.ingress_replicas}")
+        require(self.health_check_period_s > 0, "serve.health_check_period_s",
+                f"must be > 0, got {self.health_check_period_s}")
+        require(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
+        require(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
+        require(self.max_models_per_replica >= 1, "serve.max_models_per_replica", "must be >= 1")
+        require(self.max_rows_per_request >= 1, "serve.max_rows_per_request", "must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -519,7 +520,7 @@ class StorageConfig:
     (file://, s3://, gs://, memory:// for driver-only tests)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.root), "storage.root", "must not be empty")
+        require(bool(self.root), "storage.root", "must not be empty")
         if self.root.startswith("file://") or "://" not in self.root:
             # Resolve relative paths once, at the driver, so every worker sees the same place.
             path = self.root.removeprefix("file://")
@@ -549,12 +550,12 @@ class RegistryConfig:
     """Alias pointed at each new version; empty leaves aliases alone."""
 
     def __post_init__(self) -> None:
-        _require(_is_identifier(self.model_name), "registry.model_name",
-                 f"must be letters, digits, '-', '_' or '.', got {self.model_name!r}")
-        _require(self.promote_alias == "" or _is_identifier(self.promote_alias), "registry.promote_alias",
-                 f"invalid alias {self.promote_alias!r}")
-        _require(not self.promote_alias.isdigit(), "registry.promote_alias",
-                 "must not be a number (numbers are versions)")
+        require(is_identifier(self.model_name), "registry.model_name",
+                f"must be letters, digits, '-', '_' or '.', got {self.model_name!r}")
+        require(self.promote_alias == "" or is_identifier(self.promote_alias), "registry.promote_alias",
+                f"invalid alias {self.promote_alias!r}")
+        require(not self.promote_alias.isdigit(), "registry.promote_alias",
+                "must not be a number (numbers are versions)")
 
 
 @dataclass(kw_only=True)
@@ -567,8 +568,8 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         self.backend = _choice(self.backend, "optimize.quantize.backend", QuantBackend)
-        _require(self.calibration_rows >= 1, "optimize.quantize.calibration_rows",
-                 f"must be >= 1, got {self.calibration_rows}")
+        require(self.calibration_rows >= 1, "optimize.quantize.calibration_rows",
+                f"must be >= 1, got {self.calibration_rows}")
 
 
 @dataclass(kw_only=True)
@@ -582,10 +583,10 @@ class PruneConfig:
     """Learning rate of the fine-tune."""
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.sparsity < 1.0, "optimize.prune.sparsity", f"must be in (0, 1), got {self.sparsity}")
-        _require(self.finetune_epochs >= 0, "optimize.prune.finetune_epochs",
-                 f"must be >= 0, got {self.finetune_epochs}")
-        _require(self.lr > 0, "optimize.prune.lr", f"must be > 0, got {self.lr}")
+        require(0.0 < self.sparsity < 1.0, "optimize.prune.sparsity", f"must be in (0, 1), got {self.sparsity}")
+        require(self.finetune_epochs >= 0, "optimize.prune.finetune_epochs",
+                f"must be >= 0, got {self.finetune_epochs}")
+        require(self.lr > 0, "optimize.prune.lr", f"must be > 0, got {self.lr}")
 
 
 @dataclass(kw_only=True)
@@ -603,15 +604,15 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.student) - {f.name for f in dataclasses.fields(ModelConfig)})
-        _require(not unknown, "optimize.distill.student", f"names no model config field: {unknown}")
+        require(not unknown, "optimize.distill.student", f"names no model config field: {unknown}")
         try:
             ModelConfig(**self.student)
         except ValueError as err:
             raise ValueError(f"optimize.distill.student is not a valid model: {err}") from None
-        _require(self.temperature > 0, "optimize.distill.temperature", f"must be > 0, got {self.temperature}")
-        _require(0.0 <= self.alpha <= 1.0, "optimize.distill.alpha", f"must be in [0, 1], got {self.alpha}")
-        _require(self.epochs >= 1, "optimize.distill.epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.lr > 0, "optimize.distill.lr", f"must be > 0, got {self.lr}")
+        require(self.temperature > 0, "optimize.distill.temperature", f"must be > 0, got {self.temperature}")
+        require(0.0 <= self.alpha <= 1.0, "optimize.distill.alpha", f"must be in [0, 1], got {self.alpha}")
+        require(self.epochs >= 1, "optimize.distill.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.lr > 0, "optimize.distill.lr", f"must be > 0, got {self.lr}")
 
 
 @dataclass(kw_only=True)
@@ -638,11 +639,11 @@ class OptimizeConfig:
 
     def __post_init__(self) -> None:
         self.methods = [_choice(method, "optimize.methods", OptimizeMethod) for method in self.methods]
-        _require(len(set(self.methods)) == len(self.methods), "optimize.methods",
-                 f"must not repeat a method, got {self.methods}")
-        _require(bool(self.source), "optimize.source", "must not be empty")
-        _require(0.0 <= self.tolerance <= 1.0, "optimize.tolerance", f"must be in [0, 1], got {self.tolerance}")
-        _require(self.latency_repeats >= 1, "optimize.latency_repeats", f"must be >= 1, got {self.latency_repeats}")
+        require(len(set(self.methods)) == len(self.methods), "optimize.methods",
+                f"must not repeat a method, got {self.methods}")
+        require(bool(self.source), "optimize.source", "must not be empty")
+        require(0.0 <= self.tolerance <= 1.0, "optimize.tolerance", f"must be in [0, 1], got {self.tolerance}")
+        require(self.latency_repeats >= 1, "optimize.latency_repeats", f"must be >= 1, got {self.latency_repeats}")
 
 
 @dataclass(kw_only=True)
@@ -686,25 +687,25 @@ class ExportConfig:
     AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an s3:// storage.root); empty adds none."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.out_dir), "export.out_dir", "must not be empty")
+        require(bool(self.out_dir), "export.out_dir", "must not be empty")
         self.kind = _choice(self.kind, "export.kind", ExportKind)
         self.job = _choice(self.job, "export.job", ExportJob)
-        _require(bool(self.image), "export.image", "must not be empty")
-        _require(_is_dns_label(self.namespace, 63), "export.namespace",
-                 f"must be a DNS-1123 label, got {self.namespace!r}")
+        require(bool(self.image), "export.image", "must not be empty")
+        require(_is_dns_label(self.namespace, 63), "export.namespace",
+                f"must be a DNS-1123 label, got {self.namespace!r}")
         # KubeRay refuses RayJob/RayService names over 47 characters; '-serve' is the longest suffix added.
-        _require(_is_dns_label(self.name, 41), "export.name",
-                 f"must be a DNS-1123 label of at most 41 characters, got {self.name!r}")
+        require(_is_dns_label(self.name, 41), "export.name",
+                f"must be a DNS-1123 label of at most 41 characters, got {self.name!r}")
         for name in ("head_cpus", "worker_cpus"):
-            _require(getattr(self, name) >= 1, f"export.{name}", f"must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"export.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("head_memory", "worker_memory"):
-            _require(bool(_QUANTITY.fullmatch(getattr(self, name))), f"export.{name}",
-                     f"must be a Kubernetes quantity like 8Gi, got {getattr(self, name)!r}")
-        _require(self.worker_gpus >= 0, "export.worker_gpus", f"must be >= 0, got {self.worker_gpus}")
+            require(bool(_QUANTITY.fullmatch(getattr(self, name))), f"export.{name}",
+                    f"must be a Kubernetes quantity like 8Gi, got {getattr(self, name)!r}")
+        require(self.worker_gpus >= 0, "export.worker_gpus", f"must be >= 0, got {self.worker_gpus}")
         for name in ("token_secret", "env_secret"):
             value = getattr(self, name)
-            _require(value == "" or _is_dns_label(value, 253, extra="-."), f"export.{name}",
-                     f"must be empty or a Secret name, got {value!r}")
+            require(value == "" or _is_dns_label(value, 253, extra="-."), f"export.{name}",
+                    f"must be empty or a Secret name, got {value!r}")
 
 
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
@@ -753,11 +754,12 @@ class PipelineConfig:
     (after its driver or the Ray head was lost) instead of starting a new one."""
 
     def __post_init__(self) -> None:
-        _require(_is_identifier(self.run_name), "run_name",
-                 f"must be letters, digits, '-', '_' or '.', got {self.run_name!r}")
+        require(is_identifier(self.run_name), "run_name",
+                f"must be letters, digits, '-', '_' or '.', got {self.run_name!r}")
 
 
-def _is_identifier(name: str) -> bool:
+def is_identifier(name: str) -> bool:
+    """Whether `name` is non-empty letters, digits, '-', '_' or '.' and not '.' or '..' (run, model, alias names)."""
     # Names become path components under the storage root: '.' and '..' would step outside their folder.
     return bool(name) and name not in (".", "..") and all(c.isalnum() or c in "-_." for c in name)
 

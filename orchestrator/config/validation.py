@@ -21,8 +21,8 @@ from orchestrator.config.schema import (
     PipelineSchedule,
     ScheduleConfig,
     ScheduleKind,
-    _require,
     iter_search_space,
+    require,
 )
 
 
@@ -40,17 +40,17 @@ def check_parallel_plan(cfg: PipelineConfig) -> None:
     parallel = cfg.parallel
     if parallel.strategy != ParallelStrategy.pipeline:
         return
-    _require(cfg.train.batch_size % parallel.microbatches == 0, "parallel.microbatches",
-             f"must divide train.batch_size ({cfg.train.batch_size}), got {parallel.microbatches}")
+    require(cfg.train.batch_size % parallel.microbatches == 0, "parallel.microbatches",
+            f"must divide train.batch_size ({cfg.train.batch_size}), got {parallel.microbatches}")
     if parallel.pipeline_schedule == PipelineSchedule("1f1b"):  # torch's 1F1B needs a micro-batch per stage in flight
-        _require(parallel.microbatches >= cfg.scaling.num_workers, "parallel.microbatches",
-                 f"must be >= scaling.num_workers ({cfg.scaling.num_workers}) for 1f1b, got {parallel.microbatches}")
+        require(parallel.microbatches >= cfg.scaling.num_workers, "parallel.microbatches",
+                f"must be >= scaling.num_workers ({cfg.scaling.num_workers}) for 1f1b, got {parallel.microbatches}")
 
 
 def check_search_space(cfg: PipelineConfig) -> None:
     """Every tune.search_space leaf must name a field of the config."""
     for path, _ in iter_search_space(cfg.tune.search_space):
-        _require(_has_field(cfg, path), f"tune.search_space.{path}", "names no config field")
+        require(_has_field(cfg, path), f"tune.search_space.{path}", "names no config field")
 
 
 def _has_field(obj: Any, dotted: str) -> bool:
@@ -92,22 +92,22 @@ def check_schedule(schedule: ScheduleConfig, stages: Sequence[str], *, epochs: i
     count = phase_count(schedule, stages)
     if schedule.phase_epochs:
         given = len(schedule.phase_epochs)
-        _require(given == count, "schedule.phase_epochs",
-                 f"has {given} entries, but schedule.kind={schedule.kind} has {count} phases on this model")
+        require(given == count, "schedule.phase_epochs",
+                f"has {given} entries, but schedule.kind={schedule.kind} has {count} phases on this model")
     else:
-        _require(epochs >= count, "train.epochs",
-                 f"must be >= {count} (one per phase of schedule.kind={schedule.kind}), got {epochs}")
+        require(epochs >= count, "train.epochs",
+                f"must be >= {count} (one per phase of schedule.kind={schedule.kind}), got {epochs}")
 
 
 def check_custom_phase(index: int, phase: PhaseConfig, stages: List[str]) -> None:
     """A custom phase's output and trainable names must be stages of the model (or HEAD), at or below its output."""
     name = f"schedule.phases[{index}]"
-    _require(phase.output == HEAD or phase.output in stages, f"{name}.output",
-             f"must be 'head' or one of the stages {stages}, got {phase.output!r}")
+    require(phase.output == HEAD or phase.output in stages, f"{name}.output",
+            f"must be 'head' or one of the stages {stages}, got {phase.output!r}")
     path = stages if phase.output == HEAD else stages[: stages.index(phase.output) + 1]
     named = [*stages, HEAD] if phase.trainable == ["*"] else list(phase.trainable)
     unknown = [n for n in named if n not in {*stages, HEAD}]
-    _require(not unknown, f"{name}.trainable",
-             f"names {unknown}, which are not stages of this model {stages} or 'head'")
+    require(not unknown, f"{name}.trainable",
+            f"names {unknown}, which are not stages of this model {stages} or 'head'")
     outside = [n for n in named if n != HEAD and n not in path]
-    _require(not outside, f"{name}.trainable", f"has {outside} above its output stage {phase.output!r}")
+    require(not outside, f"{name}.trainable", f"has {outside} above its output stage {phase.output!r}")

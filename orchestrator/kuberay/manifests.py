@@ -20,8 +20,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import jsonschema
 import yaml
 
-from orchestrator.config import EXPORT_KINDS, PipelineConfig
-from orchestrator.config.schema import _require
+from orchestrator.config import EXPORT_KINDS, PipelineConfig, require
 from serve.config_file import serve_config
 
 log = logging.getLogger(__name__)
@@ -63,16 +62,16 @@ def check_exportable(cfg: PipelineConfig, kinds: Sequence[str]) -> None:
     """Raise ValueError naming the field where `cfg` would not work in pods."""
     root = cfg.storage.root
     # Fail rather than warn: pods would each write to their own disk, and nothing would survive them.
-    _require(not root.startswith(("file://", "memory://")), "storage.root",
-             f"must be reachable from every pod (s3://, gs://, ...), got {root!r}, which exists only on this machine")
+    require(not root.startswith(("file://", "memory://")), "storage.root",
+            f"must be reachable from every pod (s3://, gs://, ...), got {root!r}, which exists only on this machine")
     if "rayservice" in kinds:
         host = cfg.serve.host
-        _require(not (host.startswith("127.") or host in ("localhost", "::1")), "serve.host",
-                 f"must be 0.0.0.0 for a RayService (KubeRay's serve Service reaches the proxy on the pod's "
-                 f"address), got {host!r}")
+        require(not (host.startswith("127.") or host in ("localhost", "::1")), "serve.host",
+                f"must be 0.0.0.0 for a RayService (KubeRay's serve Service reaches the proxy on the pod's "
+                f"address), got {host!r}")
     if "rayjob" in kinds and cfg.export.job == "pipeline":
-        _require(not cfg.serve.block, "serve.block", "must be false for export.job=pipeline: the RayJob ends "
-                 "when its entrypoint exits (the deployment keeps serving on the job's cluster)")
+        require(not cfg.serve.block, "serve.block", "must be false for export.job=pipeline: the RayJob ends "
+                "when its entrypoint exits (the deployment keeps serving on the job's cluster)")
 
 
 def raycluster(cfg: PipelineConfig) -> Dict[str, Any]:
@@ -140,11 +139,11 @@ def worker_replicas(cfg: PipelineConfig) -> Tuple[int, int]:
 def workers_per_pod(cfg: PipelineConfig) -> int:
     """Training workers one worker pod holds: a worker's CPUs (and GPU) cannot span pods."""
     s, ex = cfg.scaling, cfg.export
-    _require(ex.worker_cpus >= s.cpus_per_worker, "export.worker_cpus",
-             f"must hold one training worker (scaling.cpus_per_worker={s.cpus_per_worker}), got {ex.worker_cpus}")
+    require(ex.worker_cpus >= s.cpus_per_worker, "export.worker_cpus",
+            f"must hold one training worker (scaling.cpus_per_worker={s.cpus_per_worker}), got {ex.worker_cpus}")
     per_pod = math.floor(ex.worker_cpus / s.cpus_per_worker + 1e-9)  # 0.9 / 0.3 is 2.9999999999999996
     if s.use_gpu:
-        _require(ex.worker_gpus >= 1, "export.worker_gpus", "must be >= 1 when scaling.use_gpu=true")
+        require(ex.worker_gpus >= 1, "export.worker_gpus", "must be >= 1 when scaling.use_gpu=true")
         per_pod = min(per_pod, ex.worker_gpus)
     return per_pod
 
@@ -190,9 +189,9 @@ def _manifest(cfg: PipelineConfig, kind: str, name: str, spec: Dict[str, Any]) -
 def validate_manifest(manifest: Dict[str, Any]) -> None:
     """Raise ValueError naming the first place where `manifest` breaks its kind's KubeRay CRD schema."""
     kind = manifest.get("kind")
-    _require(kind in KINDS, "kind", f"must be one of {list(KINDS)}, got {kind!r}")
-    _require(manifest.get("apiVersion") == API_VERSION, f"{kind}.apiVersion",
-             f"must be {API_VERSION}, got {manifest.get('apiVersion')!r}")
+    require(kind in KINDS, "kind", f"must be one of {list(KINDS)}, got {kind!r}")
+    require(manifest.get("apiVersion") == API_VERSION, f"{kind}.apiVersion",
+            f"must be {API_VERSION}, got {manifest.get('apiVersion')!r}")
     errors = crd_validator(kind).iter_errors(_without_nulls(manifest))
     errors = sorted(errors, key=lambda e: [str(p) for p in e.absolute_path])
     if errors:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from orchestrator.config.schema import _is_identifier
+from orchestrator.config import is_identifier
 from orchestrator.registry import storage
 
 WEIGHTS = "weights.npz"
@@ -192,7 +192,7 @@ class ModelRegistry:
 
 
 def _check_name(name: str, what: str) -> None:
-    if not _is_identifier(name):
+    if not is_identifier(name):
         raise RegistryError(f"invalid {what} {name!r}: use letters, digits, '-', '_' or '.'")
 
 

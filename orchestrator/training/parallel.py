@@ -46,8 +46,9 @@ class Runner:
     needs_inputs = True
     """Whether `step` reads its inputs on this rank (a pipeline's later ranks only receive activations)."""
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
-        """One optimizer step on a batch; (loss sum, rows) this rank can vouch for."""
+    def step(self, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> tuple:
+        """One optimizer step on a batch; (loss sum, rows) this rank can vouch for. `inputs` is None
+        where `needs_inputs` is False."""
         raise NotImplementedError
 
     def sync(self) -> None:

@@ -15,7 +15,8 @@ class CrashOnce(nn.Module):
 
     def forward(self, x):
         self._calls += 1
-        if self._calls >= self._after and (not dist.is_initialized() or dist.get_rank() == 0) and not os.path.exists(self._marker):
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if self._calls >= self._after and rank0 and not os.path.exists(self._marker):
             open(self._marker, "w").close()
             raise RuntimeError("injected failure")
         return x

@@ -28,8 +28,14 @@ class Sleep(nn.Module):
 
 
 def failing_net(in_features: int, num_classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU()), Fail(), nn.Linear(32, num_classes))
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU()), Fail(), nn.Linear(32, num_classes)
+    )
 
 
 def slow_net(in_features: int, num_classes: int, seconds: float = 0.5, mark_dir: str = "") -> nn.Sequential:
-    return nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU()), Sleep(seconds, mark_dir), nn.Linear(32, num_classes))
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU()),
+        Sleep(seconds, mark_dir),
+        nn.Linear(32, num_classes),
+    )

@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from orchestrator.config import ModelConfig, PipelineConfig, to_config, to_dict
-from orchestrator.registry.store import ModelRegistry, ModelVersion, signature_for
+from orchestrator.registry import ModelRegistry, ModelVersion, signature_for
 from orchestrator.training.models import build_model
 
 MODEL = "digits"

@@ -5,7 +5,14 @@ import io
 
 import pytest
 
-from orchestrator.config import CompareConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.config import (
+    CompareConfig,
+    PipelineConfig,
+    ScheduleKind,
+    StorageConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from orchestrator.registry import storage
 from orchestrator.training.compare import run_compare
 
@@ -17,7 +24,7 @@ def test_compare_writes_table_and_plot_with_honest_compute(ray_cluster, tmp_path
         storage=StorageConfig(root=f"file://{tmp_path}"),
         tracking=TrackingConfig(enabled=False),
         train=TrainConfig(epochs=3),
-        compare=CompareConfig(schedules=["end_to_end", "gradual_unfreeze"], seeds=[0, 1]),
+        compare=CompareConfig(schedules=[ScheduleKind.end_to_end, ScheduleKind.gradual_unfreeze], seeds=[0, 1]),
     )
     result = run_compare(cfg)
     assert [(r["schedule"], r["seed"]) for r in result.runs] == [

@@ -17,7 +17,15 @@ from typing import Callable, List
 
 import pytest
 
-from orchestrator.config import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
+from orchestrator.config import (
+    ModelConfig,
+    PipelineConfig,
+    StorageConfig,
+    TrackingConfig,
+    TrainConfig,
+    TuneConfig,
+    TuneScheduler,
+)
 from orchestrator.training.loop import run_train
 from orchestrator.training.sweep import run_sweep
 from tests.support import newest_epochs, wait_for
@@ -133,7 +141,7 @@ def _is_trial(class_name: str) -> bool:
 
 def test_killed_tune_trials_are_retried_and_finish(ray_cluster, tmp_path):
     cfg = _cfg(tmp_path, tune=TuneConfig(
-        scheduler="fifo", num_samples=1, max_concurrent_trials=2, max_failures=KILLS,
+        scheduler=TuneScheduler.fifo, num_samples=1, max_concurrent_trials=2, max_failures=KILLS,
         search_space={"train": {"lr": ["grid", 0.002, 0.004]}},
     ))
     job = _Background(lambda: run_sweep(cfg))

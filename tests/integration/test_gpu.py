@@ -4,10 +4,13 @@ import pytest
 import torch
 
 from orchestrator.config import (
+    DistBackend,
     ParallelConfig,
+    ParallelStrategy,
     PipelineConfig,
     ScalingConfig,
     ScheduleConfig,
+    ScheduleKind,
     StorageConfig,
     TrackingConfig,
     TrainConfig,
@@ -20,7 +23,10 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("strategy,schedule", [("ddp", "end_to_end"), ("fsdp", "layerwise")])
+@pytest.mark.parametrize(
+    "strategy,schedule",
+    [(ParallelStrategy.ddp, ScheduleKind.end_to_end), (ParallelStrategy.fsdp, ScheduleKind.layerwise)],
+)
 def test_nccl_plans_train_on_gpu(ray_cluster, tmp_path, strategy, schedule):
     workers = min(2, torch.cuda.device_count())
     cfg = PipelineConfig(
@@ -28,7 +34,7 @@ def test_nccl_plans_train_on_gpu(ray_cluster, tmp_path, strategy, schedule):
         tracking=TrackingConfig(enabled=False),
         train=TrainConfig(epochs=6),
         schedule=ScheduleConfig(kind=schedule),
-        parallel=ParallelConfig(strategy=strategy, backend="nccl"),
+        parallel=ParallelConfig(strategy=strategy, backend=DistBackend.nccl),
         scaling=ScalingConfig(num_workers=workers, use_gpu=True),
     )
     result = run_train(cfg)

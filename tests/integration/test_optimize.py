@@ -14,6 +14,7 @@ from orchestrator.config import (
     DistillConfig,
     ModelConfig,
     OptimizeConfig,
+    OptimizeMethod,
     PipelineConfig,
     PruneConfig,
     ScalingConfig,
@@ -26,7 +27,7 @@ from orchestrator.optimize.distill import teacher_datasets
 from orchestrator.optimize.gate import accuracy, predict_labels
 from orchestrator.optimize.prune import apply_masks, l1_masks
 from orchestrator.optimize.run import run_optimize
-from orchestrator.registry.store import ModelRegistry, signature_for
+from orchestrator.registry import ModelRegistry, signature_for
 from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.training.models import build_model
 from serve.deploy import run_deploy
@@ -67,7 +68,12 @@ def parent(tmp_path_factory):
 def compressed(ray_cluster, parent):
     """One optimize run: int8_dynamic, both prunings (2 fine-tune epochs each) and a distilled student."""
     optimize = OptimizeConfig(
-        methods=["int8_dynamic", "prune_unstructured", "prune_structured", "distill"],
+        methods=[
+            OptimizeMethod.int8_dynamic,
+            OptimizeMethod.prune_unstructured,
+            OptimizeMethod.prune_structured,
+            OptimizeMethod.distill,
+        ],
         tolerance=TOLERANCE,
         latency_repeats=5,
         prune=PruneConfig(sparsity=SPARSITY, finetune_epochs=2, lr=0.001),

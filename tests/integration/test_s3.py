@@ -28,11 +28,11 @@ from orchestrator.config import (
     TrackingConfig,
     TrainConfig,
     TuneConfig,
+    TuneScheduler,
 )
 from orchestrator.flows import register_run
-from orchestrator.registry import storage
+from orchestrator.registry import MANIFEST, MANIFEST_SUM, WEIGHTS, ModelRegistry, storage
 from orchestrator.registry.servable import build_servable
-from orchestrator.registry.store import MANIFEST, MANIFEST_SUM, WEIGHTS, ModelRegistry
 from orchestrator.training.data import load_split, prepare_dataset, ray_datasets
 from orchestrator.training.loop import HISTORY_FILE, STATE_FILE, checkpoint_weights, run_train
 from orchestrator.training.sweep import run_sweep
@@ -140,7 +140,7 @@ def test_checkpoints_land_in_the_bucket_and_the_registered_weights_match(s3, tra
 
 def test_sweep_keeps_trials_state_and_plot_in_the_bucket(s3, prepared):
     cfg = dataclasses.replace(s3.cfg, run_name="s3sweep", tune=TuneConfig(
-        num_samples=1, scheduler="fifo", search_space={"train": {"lr": ["grid", 0.01, 0.003]}}))
+        num_samples=1, scheduler=TuneScheduler.fifo, search_space={"train": {"lr": ["grid", 0.01, 0.003]}}))
     sweep = run_sweep(cfg, prepared.info)
     assert sorted(t.overrides["train.lr"] for t in sweep.trials) == [0.003, 0.01]
     assert [t.status for t in sweep.trials] == ["completed", "completed"] and all(

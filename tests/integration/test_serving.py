@@ -21,7 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from orchestrator.client import check_endpoint
 from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, to_config
-from orchestrator.registry.store import WEIGHTS, IntegrityError, ModelRegistry, RegistryError
+from orchestrator.registry import WEIGHTS, IntegrityError, ModelRegistry, RegistryError
 from orchestrator.training.models import build_model
 from serve.app import app_builder, build_app
 from serve.auth import KeyStore, keys_url

@@ -16,7 +16,7 @@ import torch
 from ray import serve
 
 from orchestrator.config import LimitsConfig, ModelConfig, PipelineConfig, RolloutConfig, ServeConfig, StorageConfig
-from orchestrator.registry.store import ModelRegistry
+from orchestrator.registry import ModelRegistry
 from orchestrator.training.models import build_model
 from serve.deploy import run_deploy
 from serve.names import MODEL_DEPLOYMENT, model_id

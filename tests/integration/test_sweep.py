@@ -4,9 +4,19 @@ import os
 
 import pytest
 
-from orchestrator.config import PipelineConfig, StorageConfig, TrackingConfig, TrainConfig, TuneConfig
+from orchestrator.config import (
+    PipelineConfig,
+    ScheduleConfig,
+    ScheduleKind,
+    StorageConfig,
+    TrackingConfig,
+    TrackingMode,
+    TrainConfig,
+    TuneConfig,
+    TuneScheduler,
+)
 from orchestrator.flows import register_sweep
-from orchestrator.registry.store import ModelRegistry
+from orchestrator.registry import ModelRegistry
 from orchestrator.training.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -17,7 +27,7 @@ def sweep_and_root(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     cfg = PipelineConfig(
         storage=StorageConfig(root=f"file://{root}"),
-        tracking=TrackingConfig(enabled=True, mode="offline"),
+        tracking=TrackingConfig(enabled=True, mode=TrackingMode.offline),
         train=TrainConfig(epochs=4),
         # Two good learning rates first, then hopeless ones: once the good trials have reported,
         # ASHA must stop the late, hopeless trials at their first rung.
@@ -69,16 +79,14 @@ def test_one_offline_wandb_run_per_trial(sweep_and_root):
 
 
 def test_schedule_boundaries_and_decay_are_swept_like_any_hyperparameter(ray_cluster, tmp_path):
-    from orchestrator.config import ScheduleConfig
-
     cfg = PipelineConfig(
         storage=StorageConfig(root=f"file://{tmp_path}"),
         tracking=TrackingConfig(enabled=False),
         train=TrainConfig(epochs=4),
-        schedule=ScheduleConfig(kind="layerwise"),
+        schedule=ScheduleConfig(kind=ScheduleKind.layerwise),
         tune=TuneConfig(
             num_samples=1,
-            scheduler="fifo",
+            scheduler=TuneScheduler.fifo,
             search_space={"schedule": {"phase_epochs": ["grid", [1, 1, 2], [2, 1, 1]], "lr_decay": ["grid", 0.5]}},
         ),
     )

@@ -5,7 +5,7 @@ DDP learning and resuming are covered by test_faults.py (SIGKILLed workers) and 
 
 import dataclasses
 
-from orchestrator.config import ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
+from orchestrator.config import BuiltinModel, ModelConfig, PipelineConfig, StorageConfig, TrackingConfig, TrainConfig
 from orchestrator.training.loop import checkpoint_weights, run_train
 
 
@@ -18,7 +18,7 @@ def _cfg(tmp_path, **train) -> PipelineConfig:
 
 def test_cnn_trains_on_image_shaped_digits(ray_cluster, tmp_path):
     cfg = dataclasses.replace(
-        _cfg(tmp_path, epochs=4, lr=0.01), model=ModelConfig(name="cnn", channels=[8, 16], hidden=[32])
+        _cfg(tmp_path, epochs=4, lr=0.01), model=ModelConfig(name=BuiltinModel.cnn, channels=[8, 16], hidden=[32])
     )
     result = run_train(cfg)
     assert result.data.input_shape == [1, 8, 8]

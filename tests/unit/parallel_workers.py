@@ -5,13 +5,21 @@ import os
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import ModelConfig, ParallelConfig, ScheduleConfig, TrainConfig
+from orchestrator.config import (
+    ModelConfig,
+    Optimizer,
+    ParallelConfig,
+    ParallelStrategy,
+    ScheduleConfig,
+    ScheduleKind,
+    TrainConfig,
+)
 from orchestrator.training.models import build_model
 from orchestrator.training.parallel import make_runner
 from orchestrator.training.phases import PhaseModel, make_aux_heads
 from orchestrator.training.schedules import expand_schedule
 
-TRAIN = TrainConfig(optimizer="sgd", lr=0.1, epochs=4, batch_size=16)
+TRAIN = TrainConfig(optimizer=Optimizer.sgd, lr=0.1, epochs=4, batch_size=16)
 MODEL = ModelConfig(hidden=[16, 12, 10])
 SHAPE, CLASSES = [8], 3
 
@@ -21,7 +29,7 @@ def batch():
     return torch.randn(16, 8, generator=generator), torch.randint(0, CLASSES, (16,), generator=generator)
 
 
-def one_step(kind: str, phase_index: int, parallel: ParallelConfig, rows: slice):
+def one_step(kind: ScheduleKind, phase_index: int, parallel: ParallelConfig, rows: slice):
     """Weights of the whole model (and aux heads) after one optimizer step of a schedule's phase."""
     torch.manual_seed(0)
     model = build_model(MODEL, SHAPE, CLASSES)
@@ -34,10 +42,18 @@ def one_step(kind: str, phase_index: int, parallel: ParallelConfig, rows: slice)
     x, y = x[rows], y[rows]
     runner.step(phase_model.features(x) if runner.needs_inputs else None, y)
     runner.sync()
-    return {**{f"model.{k}": v.clone() for k, v in model.state_dict().items()}, **{f"aux.{k}": v.clone() for k, v in aux.state_dict().items()}}
+    return {
+        **{f"model.{k}": v.clone() for k, v in model.state_dict().items()},
+        **{f"aux.{k}": v.clone() for k, v in aux.state_dict().items()},
+    }
 
 
-CASES = [(kind, phase) for kind, phase in [("end_to_end", 0), ("layerwise", 1), ("gradual_unfreeze", 1), ("gradual_unfreeze", 0)]]
+CASES = [
+    (ScheduleKind.end_to_end, 0),
+    (ScheduleKind.layerwise, 1),
+    (ScheduleKind.gradual_unfreeze, 1),
+    (ScheduleKind.gradual_unfreeze, 0),
+]
 
 
 def run_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -47,9 +63,9 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
     results = {}
     half = slice(rank * 8, rank * 8 + 8)  # data parallel: each rank half of the batch
     for kind, phase in CASES:
-        results[("fsdp", kind, phase)] = one_step(kind, phase, ParallelConfig(strategy="fsdp"), half)
+        results[("fsdp", kind, phase)] = one_step(kind, phase, ParallelConfig(strategy=ParallelStrategy.fsdp), half)
         for schedule in ("gpipe", "1f1b"):
-            pipeline = ParallelConfig(strategy="pipeline", pipeline_schedule=schedule, microbatches=4)
+            pipeline = ParallelConfig(strategy=ParallelStrategy.pipeline, pipeline_schedule=schedule, microbatches=4)
             results[(f"pipeline-{schedule}", kind, phase)] = one_step(kind, phase, pipeline, slice(None))
     if rank == 0:
         torch.save(results, out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from orchestrator.config import PipelineConfig, StorageConfig
-from orchestrator.registry.store import ModelRegistry
+from orchestrator.registry import ModelRegistry
 from orchestrator.training.checkpoints import (
     MANIFEST,
     TornCheckpoint,

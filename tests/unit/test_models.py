@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.config import DataConfig, ModelConfig, to_config
+from orchestrator.config import BuiltinModel, DataConfig, ModelConfig, to_config
 from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.training.models import StagedModel, build_model
 from tests.unit import user_models
@@ -26,14 +26,15 @@ def test_builtin_models_map_flat_rows_to_logits(name):
 
 
 def test_mlp_stages_follow_hidden_in_order():
-    model = build_model(ModelConfig(name="mlp", hidden=[32, 16, 8]), [64], num_classes=3)
+    model = build_model(ModelConfig(name=BuiltinModel.mlp, hidden=[32, 16, 8]), [64], num_classes=3)
     assert model.stage_names == ["block0", "block1", "block2"]
     assert [stage[-2].out_features for stage in model.stages.values()] == [32, 16, 8]
     assert (model.head.in_features, model.head.out_features) == (8, 3)
 
 
 def test_cnn_stages_are_convolutions_then_dense():
-    model = build_model(ModelConfig(name="cnn", channels=[4, 8, 8, 8], hidden=[12]), DIGITS_SHAPE, num_classes=10)
+    cfg = ModelConfig(name=BuiltinModel.cnn, channels=[4, 8, 8, 8], hidden=[12])
+    model = build_model(cfg, DIGITS_SHAPE, num_classes=10)
     # 8x8 pools to 4, 2, 1; the fourth conv cannot halve a 1x1 map and must still work.
     assert model.stage_names == ["conv0", "conv1", "conv2", "conv3", "dense"]
     assert model(_flat_batch(2)).shape == (2, 10)
@@ -41,11 +42,11 @@ def test_cnn_stages_are_convolutions_then_dense():
 
 def test_cnn_needs_an_image_shape():
     with pytest.raises(ValueError, match="input_shape"):
-        build_model(ModelConfig(name="cnn"), [64], num_classes=10)
+        build_model(ModelConfig(name=BuiltinModel.cnn), [64], num_classes=10)
 
 
 def test_dropout_is_added_to_every_stage():
-    model = build_model(ModelConfig(name="mlp", hidden=[8, 8], dropout=0.5), [4], num_classes=2)
+    model = build_model(ModelConfig(name=BuiltinModel.mlp, hidden=[8, 8], dropout=0.5), [4], num_classes=2)
     assert all(isinstance(stage[-1], nn.Dropout) for stage in model.stages.values())
 
 
@@ -108,7 +109,7 @@ def test_tiny_mlp_learns_digits(tmp_path, one_thread):
     x_train, y_train = (torch.from_numpy(a) for a in load_split(info, "train"))
     x_val, y_val = (torch.from_numpy(a) for a in load_split(info, "val"))
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="mlp", hidden=[64]), info.input_shape, info.num_classes)
+    model = build_model(ModelConfig(name=BuiltinModel.mlp, hidden=[64]), info.input_shape, info.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(200):
         batch = torch.randint(0, len(y_train), (64,))

@@ -14,9 +14,11 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from orchestrator.config import (
+    BuiltinModel,
     DistillConfig,
     ModelConfig,
     OptimizeConfig,
+    OptimizeMethod,
     PipelineConfig,
     PruneConfig,
     QuantizeConfig,
@@ -29,9 +31,8 @@ from orchestrator.optimize.gate import AccuracyGate, predict_labels
 from orchestrator.optimize.prune import apply_masks, l1_masks, sparsity_of, unit_sparsity
 from orchestrator.optimize.quantize import int8_arrays, int8_model, quantize
 from orchestrator.optimize.run import needs_ray, run_optimize
-from orchestrator.registry import storage
+from orchestrator.registry import WEIGHTS, ModelRegistry, signature_for, storage, weights_from_bytes, weights_to_bytes
 from orchestrator.registry.servable import build_servable
-from orchestrator.registry.store import WEIGHTS, ModelRegistry, signature_for, weights_from_bytes, weights_to_bytes
 from orchestrator.training.data import load_split, prepare_dataset
 from orchestrator.training.models import build_model
 from tests.support import fit
@@ -94,7 +95,7 @@ def test_bad_optimize_values_name_the_field(fields, field_name):
 @pytest.mark.parametrize(("make", "field_name"), [
     (lambda: PruneConfig(sparsity=1.0), "optimize.prune.sparsity"),
     (lambda: PruneConfig(finetune_epochs=-1), "optimize.prune.finetune_epochs"),
-    (lambda: QuantizeConfig(backend="tensorrt"), "optimize.quantize.backend"),
+    (lambda: QuantizeConfig(backend="tensorrt"), "optimize.quantize.backend"),  # type: ignore[arg-type]  # a bad string on purpose
     (lambda: DistillConfig(student={"widths": [8]}), "optimize.distill.student"),
     (lambda: DistillConfig(student={"hidden": [0]}), "optimize.distill.student"),
     (lambda: DistillConfig(alpha=1.5), "optimize.distill.alpha"),
@@ -115,10 +116,12 @@ def test_optimize_is_off_by_default_and_overrides_compose(compose):
 
 
 def test_only_training_methods_need_ray():
-    assert not needs_ray(OptimizeConfig(methods=["int8_dynamic", "int8_static"]))
-    assert not needs_ray(OptimizeConfig(methods=["prune_unstructured"], prune=PruneConfig(finetune_epochs=0)))
-    assert needs_ray(OptimizeConfig(methods=["prune_structured"]))
-    assert needs_ray(OptimizeConfig(methods=["distill"]))
+    assert not needs_ray(OptimizeConfig(methods=[OptimizeMethod.int8_dynamic, OptimizeMethod.int8_static]))
+    assert not needs_ray(
+        OptimizeConfig(methods=[OptimizeMethod.prune_unstructured], prune=PruneConfig(finetune_epochs=0))
+    )
+    assert needs_ray(OptimizeConfig(methods=[OptimizeMethod.prune_structured]))
+    assert needs_ray(OptimizeConfig(methods=[OptimizeMethod.distill]))
 
 
 # --- int8 -----------------------------------------------------------------------------------------
@@ -146,7 +149,7 @@ def test_int8_arrays_round_trip_exactly_through_the_registry_format(parent, meth
 
 def test_int8_static_on_a_cnn_quantizes_convolutions(parent):
     torch.manual_seed(0)
-    cnn_cfg = ModelConfig(name="cnn", channels=[4, 8], hidden=[16])
+    cnn_cfg = ModelConfig(name=BuiltinModel.cnn, channels=[4, 8], hidden=[16])
     model = fit(
         build_model(cnn_cfg, [1, 8, 8], 10), parent.train_x, load_split(parent.info, "train")[1], steps=120
     ).eval()

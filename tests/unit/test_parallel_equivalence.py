@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from orchestrator.config import ParallelConfig
+from orchestrator.config import ParallelConfig, ParallelStrategy
 from tests.support import free_port
 from tests.unit import parallel_workers as workers
 
@@ -23,9 +23,9 @@ def distributed_results(tmp_path_factory):
 @pytest.mark.parametrize("plan", ["fsdp", "pipeline-gpipe", "pipeline-1f1b"])
 @pytest.mark.parametrize("kind,phase", workers.CASES)
 def test_one_step_matches_single_process(distributed_results, plan, kind, phase):
-    reference = workers.one_step(kind, phase, ParallelConfig(strategy="ddp"), slice(None))
+    reference = workers.one_step(kind, phase, ParallelConfig(strategy=ParallelStrategy.ddp), slice(None))
     before = workers.one_step(
-        kind, phase, ParallelConfig(strategy="ddp"), slice(0, 0)
+        kind, phase, ParallelConfig(strategy=ParallelStrategy.ddp), slice(0, 0)
     )  # a step on no rows: initial weights
     got = distributed_results[(plan, kind, phase)]
     assert got.keys() == reference.keys()

@@ -9,8 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from orchestrator.registry import storage
-from orchestrator.registry.store import (
+from orchestrator.registry import (
     MANIFEST,
     MANIFEST_SUM,
     WEIGHTS,
@@ -19,6 +18,7 @@ from orchestrator.registry.store import (
     RegistryError,
     sha256,
     signature_for,
+    storage,
 )
 
 

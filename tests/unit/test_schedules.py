@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from orchestrator.config import (
+    BuiltinModel,
     ModelConfig,
     ParallelConfig,
+    ParallelStrategy,
     PhaseConfig,
     PipelineConfig,
     ScheduleConfig,
+    ScheduleKind,
     TrainConfig,
     builtin_stage_names,
     to_config,
@@ -59,11 +62,11 @@ def test_gradual_unfreeze_unfreezes_top_down_with_decayed_rates():
 def test_epochs_split_evenly_with_the_remainder_last_or_as_given():
     assert [p.epochs for p in _phases("layerwise", epochs=10)] == [2, 2, 3, 3]
     assert [p.epochs for p in _phases("layerwise", phase_epochs=[1, 1, 2, 6])] == [1, 1, 2, 6]
-    assert schedule_epochs(ScheduleConfig(kind="layerwise", phase_epochs=[1, 1, 2, 6]), 12) == 10
+    assert schedule_epochs(ScheduleConfig(kind=ScheduleKind.layerwise, phase_epochs=[1, 1, 2, 6]), 12) == 10
 
 
 def test_custom_phases_resolve_names_rates_and_aux_heads():
-    cfg = ScheduleConfig(kind="custom", phases=[
+    cfg = ScheduleConfig(kind=ScheduleKind.custom, phases=[
         PhaseConfig(trainable=["block0"], output="block0", epochs=2),
         PhaseConfig(trainable=["*"], epochs=3, lr_scale=0.5, stage_lr_scale={"block0": 0.1}),
     ])
@@ -89,17 +92,17 @@ def test_bad_schedules_fail_when_the_config_is_built(schedule, message):
 
 def test_too_few_epochs_for_the_phases_names_train_epochs():
     with pytest.raises(ValueError, match="train.epochs must be >= 3"):
-        to_config(PipelineConfig(train=TrainConfig(epochs=2), schedule=ScheduleConfig(kind="layerwise")))
+        to_config(PipelineConfig(train=TrainConfig(epochs=2), schedule=ScheduleConfig(kind=ScheduleKind.layerwise)))
 
 
 def test_pipeline_batches_must_split_into_microbatches():
     with pytest.raises(ValueError, match="parallel.microbatches"):
         to_config(PipelineConfig(train=TrainConfig(batch_size=30),
-                                 parallel=ParallelConfig(strategy="pipeline", microbatches=4)))
+                                 parallel=ParallelConfig(strategy=ParallelStrategy.pipeline, microbatches=4)))
 
 
 def test_builtin_stage_names_match_the_built_models():
-    for model in (ModelConfig(hidden=[8, 8]), ModelConfig(name="cnn", channels=[4, 4], hidden=[8])):
+    for model in (ModelConfig(hidden=[8, 8]), ModelConfig(name=BuiltinModel.cnn, channels=[4, 4], hidden=[8])):
         assert builtin_stage_names(model) == build_model(model, [1, 8, 8], 10).stage_names
 
 
@@ -145,7 +148,7 @@ def test_compute_counts_the_frozen_prefix_once_when_cached():
 
 
 def test_search_space_can_sweep_the_schedule():
-    cfg = PipelineConfig(schedule=ScheduleConfig(kind="layerwise"))
+    cfg = PipelineConfig(schedule=ScheduleConfig(kind=ScheduleKind.layerwise))
     cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, search_space={
         "schedule": {"phase_epochs": ["choice", [2, 2, 8], [4, 4, 4]], "lr_decay": ["uniform", 0.5, 1.0]}}))
     to_config(cfg)  # validates the paths
