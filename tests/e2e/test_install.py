@@ -20,7 +20,17 @@ pytestmark = pytest.mark.slow
 BUILD_INPUTS = ["pyproject.toml", "README.md", "orchestrator", "jobs", "serve", "conf"]
 
 
+def _clean_env() -> dict:
+    """This environment less what could reach the checkout: with the repository on PYTHONPATH (the
+    integration tier puts it there for Ray's workers), pip finds the checkout's egg-info, says
+    "already satisfied" and installs nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env.update(WANDB_MODE="offline", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
 def _run(args, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", _clean_env())
     return subprocess.run(args, capture_output=True, text=True, **kwargs)
 
 
@@ -65,9 +75,7 @@ def installed(tmp_path_factory):
     python = _venv_with_wheel(tmp, _build_wheel(tmp))
     cwd = tmp / "work"
     cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(WANDB_MODE="offline", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    return python, cwd, env
+    return python, cwd, _clean_env()
 
 
 def test_installed_modules_come_from_the_new_virtualenv(installed):

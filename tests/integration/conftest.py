@@ -34,6 +34,13 @@ def ray_cluster(s3_server):
     ray.init, so the S3 server's variables must be set first (tests/integration/test_s3.py).
     """
     # Ray workers import test-only models by name (model._target_): make the repo importable for them.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    with connected(PipelineConfig()):
-        yield
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), before]))
+    try:
+        with connected(PipelineConfig()):
+            yield
+    finally:  # the e2e tier's subprocesses see the environment they would see alone
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
