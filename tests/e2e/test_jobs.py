@@ -26,12 +26,14 @@ def _post(url: str, body: dict, key: str = "") -> tuple:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    """The main job, end to end, on a small budget: data -> sweep -> register -> deploy -> check -> exit."""
+def pipeline_run(installed, tmp_path_factory):
+    """The main job, end to end, on a small budget: data -> sweep -> register -> deploy -> check -> exit.
+    It runs from the installed wheel in a folder outside the checkout (tests/e2e/installed.py), as a user
+    of the package runs it; the jobs below run from the checkout against the same storage root."""
     root = tmp_path_factory.mktemp("pipeline")
     port = free_port()
     started = time.time()
-    proc = run_job(
+    proc = installed.job(
         "pipeline",
         "experiment=smoke",
         "serve.block=false",
