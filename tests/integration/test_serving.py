@@ -358,7 +358,8 @@ def test_ingress_controller_and_weights_holders_exist(deployed, trained):
 
 
 def test_metrics_per_model_and_version_reach_prometheus(deployed, trained):
-    port = ray._private.worker.global_worker.node.metrics_export_port
+    (node,) = [n for n in ray.nodes() if n["Alive"]]  # the embedded Ray is one node
+    port = node["MetricsExportPort"]
     deadline, text = time.time() + 45, ""
     while time.time() < deadline:  # Ray's metrics agent exports every few seconds
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

@@ -36,6 +36,7 @@ def test_aws_yaml_matches_rays_cluster_launcher_schema(launcher, schema_errors):
 
 
 def test_ray_up_fills_in_the_aws_defaults_and_accepts_the_result(launcher):
+    # What `ray up` itself runs on a config; Ray has no public API for it.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(launcher)  # the schema plus Ray's own checks (head type listed, min <= max workers)
