@@ -33,12 +33,14 @@ def free_port() -> int:
     raise RuntimeError("no free port outside 10002-19999")
 
 
-def job_env() -> Dict[str, str]:
+def job_env(*, with_repo: bool = True) -> Dict[str, str]:
     """The environment a job subprocess gets: this one without RAY_ADDRESS (so a job starts the
-    embedded default), offline tracking, unbuffered output, and the repository importable."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(WANDB_MODE="offline", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    embedded default), offline tracking, unbuffered output, and the repository importable; with
+    `with_repo=False`, no PYTHONPATH at all, so nothing can come from the checkout (an installed wheel)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env.update(WANDB_MODE="offline", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    if with_repo:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return env
 
 

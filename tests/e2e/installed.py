@@ -3,7 +3,6 @@ virtualenv outside the checkout, with jobs run from a folder far from it. tests/
 per session (`installed`); the main job's e2e run (tests/e2e/test_jobs.py) and the install checks
 (tests/e2e/test_install.py) use it."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,24 +10,17 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import REPO
+from tests.support import REPO, job_env
 
 # What a wheel is built from (the same list cluster/kuberay/Dockerfile copies).
 BUILD_INPUTS = ["pyproject.toml", "README.md", "orchestrator", "jobs", "serve", "conf"]
 
 
-def clean_env() -> dict:
-    """This environment less what could reach the checkout: with the repository on PYTHONPATH (the
-    integration tier puts it there for Ray's workers), pip finds the checkout's egg-info, says
-    "already satisfied" and installs nothing."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(WANDB_MODE="offline", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    return env
-
-
 def run(args, **kwargs) -> subprocess.CompletedProcess:
-    """A subprocess with `clean_env()` unless `env` is given; its output captured as text."""
-    kwargs.setdefault("env", clean_env())
+    """A subprocess with `job_env(with_repo=False)` unless `env` is given; its output captured as text.
+    Never with the repository on PYTHONPATH (the integration tier puts it there for Ray's workers): pip
+    would find the checkout's egg-info, say "already satisfied" and install nothing."""
+    kwargs.setdefault("env", job_env(with_repo=False))
     return subprocess.run(args, capture_output=True, text=True, **kwargs)
 
 
@@ -86,4 +78,4 @@ def install(tmp: Path) -> Installed:
     python = venv_with_wheel(tmp, build_wheel(tmp))
     cwd = tmp / "work"
     cwd.mkdir()
-    return Installed(python=python, cwd=cwd, env=clean_env())
+    return Installed(python=python, cwd=cwd, env=job_env(with_repo=False))
