@@ -12,11 +12,13 @@ import numpy as np
 from orchestrator.client import check_endpoint
 from orchestrator.config import PipelineConfig, to_config, to_dict
 from orchestrator.optimize.run import OptimizeResult, run_optimize
-from orchestrator.registry.store import ModelRegistry, ModelVersion, signature_for
+from orchestrator.registry import storage
+from orchestrator.registry.store import ModelRegistry, ModelVersion
 from orchestrator.runtime import ensure_ray
 from orchestrator.training.data import load_split, prepare_dataset
-from orchestrator.training.loop import TrainResult, checkpoint_weights
+from orchestrator.training.loop import TrainResult, evaluate_checkpoint, load_state
 from orchestrator.training.sweep import SweepResult, run_sweep
+from orchestrator.training.tasks import Task, get_task, headline_metrics
 from serve.deploy import DeployResult, run_deploy
 
 log = logging.getLogger(__name__)
@@ -28,24 +30,43 @@ CHECK_ROWS = 64
 class PipelineResult:
     sweep: SweepResult
     version: ModelVersion
-    deployment: DeployResult
-    endpoint_accuracy: float
+    deployment: Optional[DeployResult]
+    """The live endpoint; None for a task this build does not serve over HTTP (causal_lm)."""
+    endpoint_accuracy: Optional[float]
     """Accuracy of the labels the live endpoint returned for CHECK_ROWS val rows."""
     optimize: Optional[OptimizeResult] = None
     """The compressed variants of `version`, when `optimize.methods` named some."""
 
     def summary(self) -> Dict[str, Any]:
         """The job's final JSON line."""
-        return {
+        task = get_task(self.version.manifest["config"]["task"]["name"])
+        out: Dict[str, Any] = {
             "model": self.version.model,
             "version": self.version.version,
-            "val_accuracy": round(float(self.version.metrics["val_accuracy"]), 4),
+            **version_summary(self.version, task),
             "best_config": self.sweep.best_overrides,
-            "endpoint": self.deployment.endpoint,
-            "endpoint_check_accuracy": round(self.endpoint_accuracy, 4),
-            "api_key": self.deployment.api_key,
-            **({"variants": self.optimize.summary()["variants"]} if self.optimize else {}),
         }
+        if self.deployment is not None:
+            out.update(endpoint=self.deployment.endpoint, api_key=self.deployment.api_key,
+                       endpoint_check_accuracy=round(self.endpoint_accuracy or 0.0, 4))
+        else:
+            out["endpoint"] = None
+        if self.optimize:
+            out["variants"] = self.optimize.summary()["variants"]
+        return out
+
+
+def version_summary(version: ModelVersion, task: Task) -> Dict[str, Any]:
+    """A registered version's headline metrics (val, and test where evaluated) and, for text, the
+    compression baselines on the same val/test text."""
+    metrics = version.metrics
+    out: Dict[str, Any] = headline_metrics(task, metrics, ("val", "test"))
+    out.update({k: round(float(v), 4) for k, v in metrics.items() if k.endswith("zip_bits_per_byte")
+                or k.endswith("xz_bits_per_byte")})
+    for key in ("params", "tokens_seen", "tokens_per_s", "mfu"):
+        if key in metrics:
+            out[key] = round(float(metrics[key]), 4) if key == "mfu" else int(metrics[key])
+    return out
 
 
 @contextlib.contextmanager
@@ -68,21 +89,35 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
     it is recorded in full so the version can be rebuilt and served.
     """
     registry = ModelRegistry(cfg.storage.root)
-    weights = checkpoint_weights(cfg.storage.root, result.checkpoint_path)  # refuses a torn checkpoint first
+    # Tensors as trained (bf16 included); reading refuses a torn checkpoint first.
+    weights = load_state(cfg.storage.root, result.checkpoint_path)["model"]
     info = result.data
     if info is None:
         raise ValueError("register_run needs a TrainResult that names its dataset (result.data)")
+    task = get_task(cfg.task.name)
+    distinct = {id(w): w for w in weights.values()}.values()  # a tied matrix counts once
+    metrics = {**result.metrics, "params": sum(w.numel() for w in distinct)}
+    files: Dict[str, bytes] = {}
+    if info.kind == "text":
+        # Held-out test text, scored once for the chosen checkpoint, beside gzip -9 and xz -9e on the same text.
+        metrics.update(evaluate_checkpoint(cfg, info, result.checkpoint_path, "test"))
+        metrics.update(info.baselines)
+        if result.history:
+            last = result.history[-1]
+            metrics.update({k: last[k] for k in ("tokens_seen", "tokens_per_s", "mfu") if k in last})
+        files["tokenizer.json"] = storage.read_bytes(info.tokenizer_url)
     version = registry.register(
         cfg.registry.model_name,
         weights,
-        metrics={**result.metrics, "history": result.history},
+        metrics={**metrics, "history": result.history},
         config=to_dict(cfg),
         lineage={**lineage, "checkpoint": result.checkpoint_path, "data_digest": info.digest, "data_url": info.url},
-        signature=signature_for(info.input_shape, info.num_classes),
+        signature=task.signature(info),
+        files=files,
     )
     if cfg.registry.promote_alias:
         registry.set_alias(cfg.registry.model_name, cfg.registry.promote_alias, version.version)
-    log.info("registered %s v%d (val_accuracy %.4f)", version.model, version.version, result.metrics["val_accuracy"])
+    log.info("registered %s v%d %s", version.model, version.version, version_summary(version, task))
     return version
 
 
@@ -100,6 +135,11 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     info = prepare_dataset(cfg.data, cfg.storage.root)
     sweep = run_sweep(cfg, info)
     version = register_sweep(cfg, sweep)
+    if cfg.task.name != "classification":
+        # Language models are registered (weights, tokenizer, test metrics); their HTTP endpoint is not built yet.
+        log.info("task %s: version %d registered; not deployed (no HTTP serving for this task yet)",
+                 cfg.task.name, version.version)
+        return PipelineResult(sweep=sweep, version=version, deployment=None, endpoint_accuracy=None)
     # Optional: gated compressed variants of the new version, registered beside it (deploy by alias).
     optimized = run_optimize(cfg, str(version.version)) if cfg.optimize.methods else None
     deployment = run_deploy(cfg, str(version.version))

@@ -6,7 +6,7 @@ from typing import Dict, Optional
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.registry import WEIGHTS, ModelRegistry, ModelVersion
+from orchestrator.registry import ModelRegistry, ModelVersion
 from serve.names import NAMESPACE
 
 
@@ -23,7 +23,8 @@ class _WeightsHolder:
 
     def load(self, root: str, model: str, version: int) -> Dict[str, ray.ObjectRef]:
         # Verify on every call, not only the first: a build must fail on a tampered file even
-        # when an earlier, verified copy is already held.
+        # when an earlier, verified copy is already held. On a local root the arrays are a memory
+        # map of the verified file; ray.put copies them into the object store once.
         _, weights = ModelRegistry(root).load(model, version)
         if self._ref is None:
             self._ref = ray.put(weights)
@@ -39,7 +40,7 @@ def weights_holder_name(version: ModelVersion) -> str:
     The weights digest is part of the name: two registries that both have a 'v1' of a model
     never share a holder unless their weights are identical.
     """
-    return f"weights:{version.model}:v{version.version}:{version.manifest['files'][WEIGHTS][:12]}"
+    return f"weights:{version.model}:v{version.version}:{version.weights_sha256[:12]}"
 
 
 def weights_ref(root: str, version: ModelVersion) -> ray.ObjectRef:

@@ -19,6 +19,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
 HEAD = "head"
 """Name of the model's own head in a phase's `trainable` and `output`."""
 SAMPLERS = ("uniform", "loguniform", "choice", "randint", "grid")
+TASK_METRICS: Dict[str, Tuple[str, ...]] = {
+    "classification": ("loss", "accuracy"),
+    "causal_lm": ("loss", "perplexity", "bits_per_byte", "tokens"),
+}
+"""Metrics each task reports per epoch on the val split (as 'val_<name>'), beside 'train_loss'."""
 
 
 class Choice(str, Enum):
@@ -35,6 +40,32 @@ class Choice(str, Enum):
 class BuiltinModel(Choice):
     mlp = "mlp"
     cnn = "cnn"
+    gpt = "gpt"
+
+
+class TaskKind(Choice):
+    classification = "classification"
+    causal_lm = "causal_lm"
+
+
+class DataKind(Choice):
+    tabular = "tabular"
+    text = "text"
+
+
+class TokenizerKind(Choice):
+    bpe = "bpe"
+    bytes = "bytes"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LRSchedule(Choice):
+    constant = "constant"
+    cosine = "cosine"
 
 
 class ParallelStrategy(Choice):
@@ -130,9 +161,39 @@ def _choice(value: Any, name: str, kind: Type[C]) -> C:
 
 
 @dataclass(kw_only=True)
+class TaskConfig:
+    name: TaskKind = TaskKind.classification
+    """What a model learns, which owns its loss, metrics, registry signature and serving form:
+    'classification' (class logits from feature rows) or 'causal_lm' (next-token prediction on text)."""
+
+    def __post_init__(self) -> None:
+        self.name = _choice(self.name, "task.name", TaskKind)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
+    kind: DataKind = DataKind.tabular
+    """'tabular' (feature rows and an integer label) or 'text' (documents tokenized into fixed-length blocks)."""
     source: str = "digits"
-    """'digits' (scikit-learn's bundled handwritten digits), 'synthetic', or a Parquet URL (fsspec)."""
+    """tabular: 'digits' (scikit-learn's bundled handwritten digits), 'synthetic', or a Parquet URL (fsspec).
+    text: 'stdlib' (the Python standard library's source on the machine running the job, tests excluded),
+    a file, folder or glob of text files (fsspec, local or s3://), or a Parquet table with `text_column`."""
+    text_column: str = "text"
+    """text: column holding the documents when `source` is a Parquet table."""
+    file_pattern: str = "*.py"
+    """text: files taken when `source` is a folder (or 'stdlib')."""
+    max_files: int = 0
+    """text: keep only the first N files of the fixed file order (0: all); small corpora for tests."""
+    repeat: int = 1
+    """text: the corpus repeated this many times (scaling experiments: 10x the data, same text)."""
+    tokenizer: TokenizerKind = TokenizerKind.bpe
+    """text: 'bpe' (byte-level BPE trained on the train split with `tokenizers`) or 'bytes' (raw bytes)."""
+    vocab_size: int = 4096
+    """text, bpe: vocabulary size of the trained tokenizer (special tokens included)."""
+    context: int = 128
+    """text: tokens per training block (the model sees `context` tokens and predicts the next of each)."""
+    test_fraction: float = 0.1
+    """text: fraction of documents held out for the test split (deterministic, by file)."""
     feature_columns: List[str] = field(default_factory=list)
     """Parquet columns holding features; empty means every column except `label_column`.
     A single list-typed column is also accepted."""
@@ -153,8 +214,18 @@ class DataConfig:
     """Classes when source='synthetic'."""
 
     def __post_init__(self) -> None:
-        require(bool(self.source), "data.source", "must be 'digits', 'synthetic' or a Parquet URL, got an empty value")
+        self.kind = _choice(self.kind, "data.kind", DataKind)
+        self.tokenizer = _choice(self.tokenizer, "data.tokenizer", TokenizerKind)
+        require(bool(self.source), "data.source",
+                "must be 'digits', 'synthetic', 'stdlib' or a URL, got an empty value")
         require(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        require(0.0 < self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
+                "data.test_fraction", f"must be in (0, 1) and leave training data, got {self.test_fraction}")
+        require(self.max_files >= 0, "data.max_files", f"must be >= 0, got {self.max_files}")
+        require(self.repeat >= 1, "data.repeat", f"must be >= 1, got {self.repeat}")
+        require(self.vocab_size >= 260, "data.vocab_size",
+                f"must be >= 260 (bytes and special tokens), got {self.vocab_size}")
+        require(self.context >= 2, "data.context", f"must be >= 2, got {self.context}")
         require(all(d > 0 for d in self.input_shape), "data.input_shape", f"must be positive, got {self.input_shape}")
         require(self.synthetic_samples >= 10, "data.synthetic_samples", "must be >= 10")
         require(self.synthetic_features >= 1, "data.synthetic_features", "must be >= 1")
@@ -164,7 +235,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: BuiltinModel = BuiltinModel.mlp
-    """Built-in architecture: 'mlp' or 'cnn'. Ignored when `_target_` is set."""
+    """Built-in architecture: 'mlp', 'cnn' or 'gpt' (decoder-only transformer). Ignored when `_target_` is set."""
     _target_: Optional[str] = None
     """Import path of a user model (a torch.nn.Sequential-like class or factory); called with `kwargs`
     plus `in_features`, `input_shape` and `num_classes` where its signature accepts them."""
@@ -174,6 +245,20 @@ class ModelConfig:
     """CNN: output channels of each convolutional stage."""
     dropout: float = 0.0
     """Dropout after each stage."""
+    layers: int = 4
+    """GPT: transformer blocks (each one stage)."""
+    heads: int = 4
+    """GPT: attention heads per block; must divide `width`."""
+    width: int = 128
+    """GPT: hidden size."""
+    context: int = 256
+    """GPT: positions the model has (data.context must not exceed it)."""
+    mlp_ratio: int = 4
+    """GPT: hidden size of each block's MLP as a multiple of `width`."""
+    tie_embeddings: bool = True
+    """GPT: the head reuses the token embedding matrix."""
+    activation_checkpointing: bool = False
+    """GPT: recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute)."""
     kwargs: Dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for a `_target_` model."""
 
@@ -187,6 +272,10 @@ class ModelConfig:
         require(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "model.channels",
                 f"must be positive, got {self.channels}")
         require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        for name in ("layers", "heads", "width", "context", "mlp_ratio"):
+            require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.width % self.heads == 0, "model.heads",
+                f"must divide model.width ({self.width}), got {self.heads}")
 
 
 @dataclass(kw_only=True)
@@ -316,7 +405,27 @@ class TrainConfig:
     max_failures: int = 2
     """Times a failed run is restarted from its latest checkpoint."""
     checkpoints_to_keep: int = 2
-    """Epoch checkpoints kept per run (best by val accuracy)."""
+    """Epoch checkpoints kept per run (best by the task's selection metric)."""
+    precision: Precision = Precision.fp32
+    """'fp32' or 'bf16' (autocast on the worker's device; FSDP2's mixed-precision policy under fsdp)."""
+    grad_accum_steps: int = 1
+    """Micro-batches whose gradients add up to one optimizer step (batch_size is per micro-batch)."""
+    grad_clip: float = 0.0
+    """Largest global gradient norm before a step (0: no clipping)."""
+    lr_schedule: LRSchedule = LRSchedule.constant
+    """'constant', or 'cosine': linear warmup over `warmup_steps`, then cosine decay to lr * min_lr_ratio."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warmup."""
+    min_lr_ratio: float = 0.1
+    """cosine: the final learning rate as a fraction of `lr`."""
+    steps_per_epoch: int = 0
+    """Optimizer steps per epoch (report, checkpoint, validate); the data stream continues across epochs.
+    0: one full pass over the training split per epoch."""
+    val_batches: int = 0
+    """Validation batches evaluated per epoch (0: the whole val split)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one worker's device in train.precision, for MFU; 0 takes it from a table of
+    known GPUs (none for CPUs: MFU is then not reported)."""
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -326,6 +435,15 @@ class TrainConfig:
         require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
         require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
+        self.precision = _choice(self.precision, "train.precision", Precision)
+        self.lr_schedule = _choice(self.lr_schedule, "train.lr_schedule", LRSchedule)
+        require(self.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        require(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.steps_per_epoch >= 0, "train.steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
+        require(self.val_batches >= 0, "train.val_batches", f"must be >= 0, got {self.val_batches}")
+        require(self.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
 
 
 @dataclass(kw_only=True)
@@ -357,7 +475,8 @@ class TuneConfig:
     )
     """Nested like the config; each leaf is [sampler, *args] with sampler one of uniform, loguniform,
     randint (args: low, high) or choice, grid (args: the values). Override a leaf with
-    tune.search_space.train.lr=[choice,0.01,0.003]; add one with +tune.search_space.model.dropout=[uniform,0,0.3]."""
+    tune.search_space.train.lr=[choice,0.01,0.003]; add one with +tune.search_space.model.dropout=[uniform,0,0.3];
+    drop one with tune.search_space.model.hidden=null."""
 
     def __post_init__(self) -> None:
         require(self.num_samples >= 1, "tune.num_samples", f"must be >= 1, got {self.num_samples}")
@@ -719,6 +838,8 @@ def _is_dns_label(name: str, max_length: int, extra: str = "-") -> bool:
 
 @dataclass(kw_only=True)
 class PipelineConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """What is learned: its loss, metrics, signature and serving form."""
     data: DataConfig = field(default_factory=DataConfig)
     """Where samples come from and how they are split."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -772,6 +893,8 @@ def iter_search_space(space: Dict[str, Any], prefix: str = "") -> Iterator[Tuple
     """Yield (dotted path, sampler spec) for every leaf of a nested search space."""
     for key, value in space.items():
         path = f"{prefix}{key}"
+        if value is None:  # a leaf set to null is not swept (YAML can only add to a mapping, not remove from it)
+            continue
         if isinstance(value, dict):
             yield from iter_search_space(value, path + ".")
         else:

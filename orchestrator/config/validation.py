@@ -14,6 +14,9 @@ from typing import Any, List, Sequence
 
 from orchestrator.config.schema import (
     HEAD,
+    TASK_METRICS,
+    BuiltinModel,
+    DataKind,
     ModelConfig,
     ParallelStrategy,
     PhaseConfig,
@@ -21,6 +24,7 @@ from orchestrator.config.schema import (
     PipelineSchedule,
     ScheduleConfig,
     ScheduleKind,
+    TaskKind,
     iter_search_space,
     require,
 )
@@ -28,11 +32,34 @@ from orchestrator.config.schema import (
 
 def validate(cfg: PipelineConfig) -> None:
     """Raise ValueError naming the field where two sections of `cfg` do not fit together."""
+    check_task(cfg)
     check_parallel_plan(cfg)
     stages = builtin_stage_names(cfg.model)
     if stages:  # a user model's stages are checked when it is built
         check_schedule(cfg.schedule, stages, epochs=cfg.train.epochs)
     check_search_space(cfg)
+
+
+def check_task(cfg: PipelineConfig) -> None:
+    """The task against the data, the model and the metric trials are ranked by."""
+    task, text = str(cfg.task.name), cfg.data.kind == DataKind.text
+    if task == TaskKind.causal_lm:
+        require(text, "data.kind", "must be 'text' for task.name=causal_lm (use data=text)")
+        require(cfg.model.name == BuiltinModel.gpt or bool(cfg.model._target_), "model.name",
+                f"must be 'gpt' (or a _target_ model) for task.name=causal_lm, got {cfg.model.name}")
+    else:
+        require(not text, "data.kind", f"must be 'tabular' for task.name={task} (text needs task=causal_lm)")
+        require(cfg.model.name != BuiltinModel.gpt or bool(cfg.model._target_), "model.name",
+                f"gpt is a language model: it needs task=causal_lm, not task.name={task}")
+    if cfg.model.name == BuiltinModel.gpt and not cfg.model._target_:
+        require(cfg.data.context <= cfg.model.context, "data.context",
+                f"must be <= model.context ({cfg.model.context}), got {cfg.data.context}")
+        require(not (cfg.parallel.strategy == ParallelStrategy.pipeline and cfg.model.tie_embeddings),
+                "model.tie_embeddings", "must be false under parallel.strategy=pipeline (the embedding and the head "
+                "sit on different ranks, which cannot share one weight)")
+    metrics = ["train_loss", *(f"val_{name}" for name in TASK_METRICS[task])]
+    require(cfg.tune.metric in metrics, "tune.metric", f"must be one of {metrics} for task.name={task}, "
+            f"got {cfg.tune.metric!r}")
 
 
 def check_parallel_plan(cfg: PipelineConfig) -> None:
@@ -67,6 +94,8 @@ def builtin_stage_names(model: ModelConfig) -> List[str]:
         return []
     if model.name == "cnn":
         return [f"conv{i}" for i in range(len(model.channels))] + ["dense"]
+    if model.name == "gpt":
+        return ["embed"] + [f"block{i}" for i in range(model.layers)]
     return [f"block{i}" for i in range(len(model.hidden))]
 
 

@@ -12,7 +12,7 @@ from orchestrator.optimize.gate import AccuracyGate, GateDecision, accuracy
 from orchestrator.optimize.methods import Candidate, CompressionMethod, Parent, make_methods
 from orchestrator.optimize.report import VariantReport, measure, write_report
 from orchestrator.registry.servable import INT8_VARIANTS
-from orchestrator.registry.store import WEIGHTS, ModelRegistry, ModelVersion
+from orchestrator.registry.store import ModelRegistry, ModelVersion
 from orchestrator.training.data import load_split, prepare_dataset
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ def run_optimize(cfg: PipelineConfig, ref: Optional[str] = None) -> OptimizeResu
     method in `cfg.optimize.methods`; register each variant within `cfg.optimize.tolerance`.
 
     Connect Ray first when `needs_ray(cfg.optimize)`. Raises RegistryError for an unknown ref,
-    ValueError when the parent is itself an int8 variant (there is no float model to compress).
+    ValueError when the parent is itself an int8 variant (there is no float model to compress) or holds
+    bf16 weights (the methods compress float32 models).
     """
     registry = ModelRegistry(cfg.storage.root)
     parent = load_parent(cfg, registry, ref or cfg.optimize.source)
@@ -115,6 +116,9 @@ def load_parent(cfg: PipelineConfig, registry: ModelRegistry, ref: str) -> Paren
     if method in INT8_VARIANTS:
         raise ValueError(f"{version.model} v{version.version} is an {method} variant: compress its float parent "
                          f"v{version.manifest['variant']['parent_version']} instead")
+    if version.weights_dtypes:
+        raise ValueError(f"{version.model} v{version.version} holds {sorted(set(version.weights_dtypes.values()))} "
+                         "weights: compression methods take float32 parents")
     parent_cfg = to_config(version.manifest["config"])
     info = prepare_dataset(parent_cfg.data, cfg.storage.root)
     recorded = version.manifest.get("lineage", {}).get("data_digest")
@@ -177,7 +181,7 @@ def _register(
             "kind": "optimize",
             "method": candidate.method,
             "parent_version": parent.version.version,
-            "parent_weights_sha256": parent.version.manifest["files"][WEIGHTS],
+            "parent_weights_sha256": parent.version.weights_sha256,
             "data_digest": parent.info.digest,
             "data_url": parent.info.url,
             **candidate.lineage,

@@ -1,13 +1,15 @@
-"""Versioned models: `store` (the registry on fsspec), `storage` (filesystem helpers shared with training)
-and `servable` (a version as a torch module plus its input signature).
+"""Versioned models: `store` (the registry on fsspec), `storage` (filesystem helpers shared with training),
+`tensors` (weights as numpy arrays and safetensors files, bf16 included) and `servable` (a version as a
+torch module plus its input signature).
 
     from orchestrator.registry import ModelRegistry
     version = ModelRegistry(root).get("digits", "production")
 
-`servable` is not re-exported: it imports torch and the training models.
+`servable` and `tensors` are not re-exported: they import torch (and the training models).
 """
 
 from orchestrator.registry.store import (
+    LEGACY_WEIGHTS,
     MANIFEST,
     MANIFEST_SUM,
     WEIGHTS,
@@ -22,6 +24,6 @@ from orchestrator.registry.store import (
 )
 
 __all__ = [
-    "MANIFEST", "MANIFEST_SUM", "WEIGHTS", "IntegrityError", "ModelRegistry", "ModelVersion", "RegistryError",
-    "sha256", "signature_for", "weights_from_bytes", "weights_to_bytes",
+    "LEGACY_WEIGHTS", "MANIFEST", "MANIFEST_SUM", "WEIGHTS", "IntegrityError", "ModelRegistry", "ModelVersion",
+    "RegistryError", "sha256", "signature_for", "weights_from_bytes", "weights_to_bytes",
 ]

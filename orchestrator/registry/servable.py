@@ -6,18 +6,21 @@ float32 batch to logits.
 
 The default path builds the recorded architecture on the meta device and runs it with
 `torch.func.functional_call` on the arrays as they are: read-only, zero-copy views of the one
-object-store copy that every replica on a node shares.
+object-store copy that every replica on a node shares. bf16 weights arrive as uint16 carriers and
+are viewed back as bf16 (`orchestrator.registry.tensors`); such a model computes in bf16 and still
+takes and returns float32.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Mapping
 
 import numpy as np
 import torch
 
 from orchestrator.config import to_config
+from orchestrator.registry.store import weights_dtypes
+from orchestrator.registry.tensors import torch_tensors
 from orchestrator.training.models import build_model
 
 Servable = Callable[[torch.Tensor], torch.Tensor]
@@ -67,23 +70,27 @@ def meta_model(manifest: Dict[str, Any]) -> torch.nn.Module:
 
 def _shared_weights_model(manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> Servable:
     model = meta_model(manifest)
-    params = shared_tensors(arrays, model)
+    params = shared_tensors(arrays, model, weights_dtypes(manifest))
+    compute = next((params[name].dtype for name, _ in model.named_parameters()), torch.float32)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(model, params, (x,))
+        if compute == torch.float32:
+            return torch.func.functional_call(model, params, (x,), tie_weights=False)
+        inputs = x.to(compute) if x.is_floating_point() else x  # token ids stay integers
+        return torch.func.functional_call(model, params, (inputs,), tie_weights=False).float()
 
     return forward
 
 
-def shared_tensors(arrays: Dict[str, np.ndarray], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Tensors viewing `arrays` (no copy), checked against `model`'s state dict names."""
+def shared_tensors(
+    arrays: Dict[str, np.ndarray], model: torch.nn.Module, dtypes: Mapping[str, str]
+) -> Dict[str, torch.Tensor]:
+    """Tensors viewing `arrays` (no copy) as their real `dtypes` (a manifest's `weights_dtypes`),
+    checked against `model`'s state dict names."""
     expected = set(model.state_dict())
     if set(arrays) != expected:
         raise ValueError(
             f"registry weights do not fit the model: missing {sorted(expected - set(arrays))}, "
             f"unexpected {sorted(set(arrays) - expected)}"
         )
-    with warnings.catch_warnings():
-        # The arrays are read-only on purpose (shared); inference never writes to them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {name: torch.from_numpy(array) for name, array in arrays.items()}
+    return torch_tensors(arrays, dtypes)

@@ -1,11 +1,14 @@
 """Model registry on fsspec: append-only versions, atomic aliases, checksummed files.
 
 Layout under `<root>/registry/<model>/`:
-  versions/<N>/weights.npz       numpy arrays only (loading never unpickles)
-  versions/<N>/manifest.json     sha256 of every file, metrics, resolved config, lineage, signature
-  versions/<N>/manifest.sha256   checksum of the manifest itself
-  aliases.json                   {"production": N, ...}, replaced atomically
+  versions/<N>/weights.safetensors  the weights (safetensors: a JSON header and raw bytes, never unpickled)
+  versions/<N>/<extra files>        what a version needs besides weights (a tokenizer, say), checksummed alike
+  versions/<N>/manifest.json        sha256 of every file, the weights' format and dtypes, metrics, config, ...
+  versions/<N>/manifest.sha256      checksum of the manifest itself
+  aliases.json                      {"production": N, ...}, replaced atomically
 A version folder without a manifest is an unfinished write: it is skipped, and its number is never reused.
+Versions written before safetensors hold `weights.npz` (numpy arrays, loaded with allow_pickle=False);
+they still load. How bf16 weights travel as numpy arrays: `orchestrator.registry.tensors`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ import numpy as np
 from orchestrator.config import is_identifier
 from orchestrator.registry import storage
 
-WEIGHTS = "weights.npz"
+WEIGHTS = "weights.safetensors"
+LEGACY_WEIGHTS = "weights.npz"
+"""The weights file of versions registered before safetensors (read-only support)."""
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.sha256"
+_RESERVED = (WEIGHTS, LEGACY_WEIGHTS, MANIFEST, MANIFEST_SUM)
+_LEGACY_WEIGHTS_SPEC = {"file": LEGACY_WEIGHTS, "format": "npz"}
+_HASH_CHUNK = 8 << 20
 
 
 class RegistryError(Exception):
@@ -53,20 +61,55 @@ class ModelVersion:
     def signature(self) -> Dict[str, Any]:
         return self.manifest["signature"]
 
+    @property
+    def weights_file(self) -> str:
+        """The weights' file name in the version folder (`WEIGHTS`, or `LEGACY_WEIGHTS` for old versions)."""
+        return _weights_spec(self.manifest)["file"]
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.manifest["files"][self.weights_file]
+
+    @property
+    def weights_dtypes(self) -> Dict[str, str]:
+        return weights_dtypes(self.manifest)
+
+    @property
+    def extra_files(self) -> List[str]:
+        """Names of the files registered with the version besides its weights (`ModelRegistry.read_file`)."""
+        return sorted(set(self.manifest["files"]) - {self.weights_file})
+
+
+def weights_dtypes(manifest: Mapping[str, Any]) -> Dict[str, str]:
+    """{name: real dtype} of the weights whose arrays carry a dtype numpy lacks (bf16 as uint16; see
+    `orchestrator.registry.tensors`); empty when every array is its own dtype."""
+    return _weights_spec(manifest).get("dtypes", {})
+
+
+def _weights_spec(manifest: Mapping[str, Any]) -> Dict[str, Any]:
+    """{"file", "format"[, "dtypes"]}; manifests from before safetensors have none and mean weights.npz."""
+    return manifest.get("weights", _LEGACY_WEIGHTS_SPEC)
+
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def weights_to_bytes(state: Mapping[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    # Typed Any: numpy's stub would read a weight named 'allow_pickle' as that flag.
-    arrays: Dict[str, Any] = {k: np.ascontiguousarray(v) for k, v in state.items()}
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+def weights_to_bytes(weights: Mapping[str, Any]) -> bytes:
+    """The safetensors file the registry writes for `weights` (numpy arrays or torch tensors)."""
+    from orchestrator.registry.tensors import to_arrays, to_safetensors  # imports torch
+
+    return to_safetensors(*to_arrays(weights))
 
 
 def weights_from_bytes(data: bytes) -> Dict[str, np.ndarray]:
+    """The arrays of a safetensors file (bf16 tensors as their uint16 carriers; see `tensors`)."""
+    from orchestrator.registry.tensors import from_safetensors  # imports torch
+
+    return from_safetensors(data)[0]
+
+
+def _npz_arrays(data: bytes) -> Dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         return {k: archive[k] for k in archive.files}
 
@@ -78,22 +121,37 @@ class ModelRegistry:
         self.url = storage.join(root, "registry")
 
     def register(
-        self, model: str, weights: Mapping[str, np.ndarray], *, metrics: Dict[str, Any], config: Dict[str, Any],
+        self, model: str, weights: Mapping[str, Any], *, metrics: Dict[str, Any], config: Dict[str, Any],
         lineage: Dict[str, Any], signature: Dict[str, Any], variant: Optional[Dict[str, Any]] = None,
+        files: Optional[Mapping[str, bytes]] = None,
     ) -> ModelVersion:
         """Add the next version of `model`. Returns it; never rewrites an existing version.
 
+        `weights`: numpy arrays or torch tensors of any dtype (bf16 included), stored as safetensors.
+        `files`: extra files by name (e.g. {"tokenizer.json": ...}), written beside the weights and
+        checksummed in the manifest; read one back with `read_file`.
         `variant` marks a compressed variant of another version ({"method", "parent_version", ...});
         `orchestrator.registry.servable.build_servable` dispatches on its "method".
+        Raises RegistryError for an invalid model or file name.
         """
+        from orchestrator.registry.tensors import to_arrays, to_safetensors  # imports torch
+
         _check_name(model, "model name")
-        blob = weights_to_bytes(weights)
+        files = files or {}
+        for name in files:
+            _check_name(name, "file name")
+            if name in _RESERVED:
+                raise RegistryError(f"file name {name!r} is reserved for the registry's own files")
+        arrays, dtypes = to_arrays(weights)
+        blobs = {WEIGHTS: to_safetensors(arrays, dtypes), **files}
         version, url = self._claim_next_version(model)
-        storage.write_bytes_atomic(storage.join(url, WEIGHTS), blob)
+        for name, blob in blobs.items():
+            storage.write_bytes_atomic(storage.join(url, name), blob)
         manifest = {
             "model": model, "version": version, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "files": {WEIGHTS: sha256(blob)}, "metrics": metrics, "config": config, "lineage": lineage,
-            "signature": signature,
+            "files": {name: sha256(blob) for name, blob in blobs.items()},
+            "weights": {"file": WEIGHTS, "format": "safetensors", **({"dtypes": dtypes} if dtypes else {})},
+            "metrics": metrics, "config": config, "lineage": lineage, "signature": signature,
         }
         if variant is not None:
             manifest["variant"] = variant
@@ -157,12 +215,51 @@ class ModelRegistry:
         return ModelVersion(model, number, url, json.loads(text))
 
     def load(self, model: str, ref: Union[int, str]) -> Tuple[ModelVersion, Dict[str, np.ndarray]]:
-        """A version and its weights, every file verified against the manifest (IntegrityError if not)."""
+        """A version and its weights (read-only arrays; bf16 as uint16 carriers, named in
+        `version.weights_dtypes`), the weights file verified against the manifest (IntegrityError if not).
+
+        On a local root the safetensors file is hashed by streaming it, then memory-mapped: it is never
+        held in private memory whole. On other roots its bytes are read once, hashed and parsed.
+        """
+        from orchestrator.registry.tensors import from_safetensors, load_safetensors_file  # imports torch
+
         version = self.get(model, ref)
-        blob = storage.read_bytes(storage.join(version.url, WEIGHTS))
-        if sha256(blob) != version.manifest["files"][WEIGHTS]:
-            raise IntegrityError(f"{model} v{version.version}: {WEIGHTS} does not match its sha256 in the manifest")
-        return version, weights_from_bytes(blob)
+        name = version.weights_file
+        if _weights_spec(version.manifest)["format"] == "npz":
+            return version, _npz_arrays(self._verified_bytes(version, name))
+        url = storage.join(version.url, name)
+        if storage.is_local(url):
+            self._verify_streaming(version, name)
+            arrays, dtypes = load_safetensors_file(storage.filesystem(url)[1])
+        else:
+            arrays, dtypes = from_safetensors(self._verified_bytes(version, name))
+        if dtypes != version.weights_dtypes:
+            raise IntegrityError(f"{model} v{version.version}: {name} holds dtypes {dtypes}, "
+                                 f"the manifest records {version.weights_dtypes}")
+        return version, arrays
+
+    def read_file(self, model: str, ref: Union[int, str], name: str) -> bytes:
+        """One file registered with a version (e.g. "tokenizer.json"), verified against the manifest.
+
+        Raises RegistryError when the version has no such file, IntegrityError when it does not match.
+        """
+        version = self.get(model, ref)
+        if name not in version.manifest["files"]:
+            raise RegistryError(f"{model} v{version.version} has no file {name!r} (files: {version.extra_files})")
+        return self._verified_bytes(version, name)
+
+    def _verified_bytes(self, version: ModelVersion, name: str) -> bytes:
+        blob = storage.read_bytes(storage.join(version.url, name))
+        _check_sha256(version, name, sha256(blob))
+        return blob
+
+    def _verify_streaming(self, version: ModelVersion, name: str) -> None:
+        fs, path = storage.filesystem(storage.join(version.url, name))
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+        _check_sha256(version, name, digest.hexdigest())
 
     def _version_url(self, model: str, number: int) -> str:
         return storage.join(self.url, model, "versions", str(number))
@@ -189,6 +286,11 @@ class ModelRegistry:
             elif not fs.exists(path):  # object stores have no folders; first writer wins by a hair
                 return number, url
             number += 1
+
+
+def _check_sha256(version: ModelVersion, name: str, actual: str) -> None:
+    if actual != version.manifest["files"][name]:
+        raise IntegrityError(f"{version.model} v{version.version}: {name} does not match its sha256 in the manifest")
 
 
 def _check_name(name: str, what: str) -> None:

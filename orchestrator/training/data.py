@@ -1,16 +1,17 @@
-"""Datasets: a source (digits | synthetic | Parquet URL) becomes a deterministic train/val split
-written as Parquet under the storage root; workers read it through Ray Data shards."""
+"""Datasets: a tabular source (digits | synthetic | Parquet URL) becomes a deterministic train/val split
+written as Parquet under the storage root; a text source becomes train/val/test token blocks
+(orchestrator.training.text). Workers read both through Ray Data shards."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from orchestrator.config import DataConfig
+from orchestrator.config import DataConfig, DataKind
 from orchestrator.registry import storage
 
 
@@ -19,24 +20,58 @@ class DatasetInfo:
     """Where a prepared dataset lives and what it holds."""
 
     url: str
-    """Folder holding train.parquet, val.parquet and info.json."""
+    """Folder holding the splits (tabular: train.parquet, val.parquet; text: train/, val/, test/ folders,
+    tokenizer.json) and info.json."""
     feature_columns: List[str]
     label_column: str
     input_shape: List[int]
-    """Shape of one sample as the model sees it."""
+    """Shape of one sample as the model sees it (text: [context])."""
     num_classes: int
+    """Classes (text: the vocabulary size, the width of a language model's head)."""
     num_train: int
+    """Rows of the train split (text: token blocks)."""
     num_val: int
     digest: str
-    """sha256 of the features, labels and split parameters (the data's identity in lineage)."""
+    """sha256 of the data and split parameters (the data's identity in lineage)."""
+    kind: str = "tabular"
+    """'tabular' or 'text'."""
+    num_test: int = 0
+    """Rows of the test split (text only; tabular data has none)."""
+    context: int = 0
+    """text: tokens a model sees per block; each row holds context + 1 tokens."""
+    vocab_size: int = 0
+    """text: ids of the tokenizer (<|pad|> = 0 and <|bos|> = 1 included)."""
+    tokenizer: str = ""
+    """text: 'bpe' or 'bytes'; the tokenizer itself is at `tokenizer_url`."""
+    split_bytes: Dict[str, int] = field(default_factory=dict)
+    """text: raw bytes of each split's documents, as written (train counts every repeat)."""
+    split_tokens: Dict[str, int] = field(default_factory=dict)
+    """text: target tokens of each split (every token after a document's BOS, pads excluded)."""
+    files: Dict[str, int] = field(default_factory=dict)
+    """text: documents of each split, as written (train counts every repeat)."""
+    baselines: Dict[str, float] = field(default_factory=dict)
+    """text: compression of the same text in bits per byte, e.g. 'test_gzip_bits_per_byte' (gzip -9),
+    'test_xz_bits_per_byte' (xz -9e), and the same for 'val_'."""
 
     @property
     def train_url(self) -> str:
-        return storage.join(self.url, "train.parquet")
+        return self.split_url("train")
 
     @property
     def val_url(self) -> str:
-        return storage.join(self.url, "val.parquet")
+        return self.split_url("val")
+
+    @property
+    def test_url(self) -> str:
+        return self.split_url("test")
+
+    @property
+    def tokenizer_url(self) -> str:
+        return storage.join(self.url, "tokenizer.json")
+
+    def split_url(self, split: str) -> str:
+        """A split's Parquet: a file for tabular data, a folder of files for text."""
+        return storage.join(self.url, split if self.kind == DataKind.text else f"{split}.parquet")
 
     @property
     def num_features(self) -> int:
@@ -44,7 +79,14 @@ class DatasetInfo:
 
 
 def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
-    """Load `cfg.source`, split it, and write it under `<root>/datasets/` (once per digest)."""
+    """Load `cfg.source`, split it, and write it under `<root>/datasets/` (once per digest).
+
+    Text (`cfg.kind == 'text'`) is tokenized in Ray Data (orchestrator.training.text.prepare_text).
+    """
+    if cfg.kind == DataKind.text:
+        from orchestrator.training.text import prepare_text
+
+        return prepare_text(cfg, root)
     features, labels, columns, label_column = _load_source(cfg)
     input_shape = list(cfg.input_shape) or natural_shape(cfg.source, features.shape[1])
     if int(np.prod(input_shape)) != features.shape[1]:
@@ -72,8 +114,11 @@ def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
 
 
 def load_split(info: DatasetInfo, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Read a split into memory on the driver: (features float32 [N, F], labels int64 [N])."""
+    """Read a split into memory on the driver: (features float32 [N, F], labels int64 [N]). Tabular data only."""
     import pyarrow.parquet as pq
+
+    if info.kind == DataKind.text:
+        raise ValueError("load_split reads tabular data; text splits are streamed (ray_datasets)")
 
     fs, path = storage.filesystem(info.train_url if split == "train" else info.val_url)
     with fs.open(path, "rb") as f:
@@ -82,21 +127,22 @@ def load_split(info: DatasetInfo, split: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def ray_datasets(info: DatasetInfo) -> Dict[str, Any]:
-    """Ray Data datasets {'train', 'val'} yielding batches {'x': float32 [B, F], 'y': int64 [B]}.
+    """Ray Data datasets of a prepared dataset's splits.
 
-    Materialized once into the object store: every epoch of every trial then streams blocks
-    from shared memory instead of re-reading Parquet (a re-read costs seconds per epoch here).
+    Tabular: {'train', 'val'} yielding batches {'x': float32 [B, F], 'y': int64 [B]}, materialized once
+    into the object store: every epoch of every trial then streams blocks from shared memory instead of
+    re-reading Parquet (a re-read costs seconds per epoch here).
+    Text: {'train', 'val', 'test'} yielding {'tokens': int32 [B, context + 1], 'nbytes': int32 [B]}, read
+    lazily from Parquet so workers stream them and nothing holds a split whole.
     """
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    # Rows keep their Parquet order, so every worker that reads a split sees the same sequence and
-    # its share of it (orchestrator.training.loop) is the same from run to run.
-    context.execution_options.preserve_order = True
-    # Ray 2.60's DataSourceV2 read path lists files in a task that idles about 5 s per read (measured here:
-    # 4.5-6.5 s for one 1,438-row file, 48 ms of it CPU); the V1 path reads the same file in 0.1-0.7 s.
-    context.use_datasource_v2 = False
+    configure_ray_data()
+    if info.kind == DataKind.text:
+        from orchestrator.training.text import SPLITS, split_files
+
+        fs, _ = storage.pyarrow_filesystem(info.url)
+        return {split: ray.data.read_parquet(split_files(info.split_url(split)), filesystem=fs) for split in SPLITS}
     columns, label = info.feature_columns, info.label_column
 
     def to_xy(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -107,6 +153,20 @@ def ray_datasets(info: DatasetInfo) -> Dict[str, Any]:
         fs, path = storage.pyarrow_filesystem(url)
         out[split] = ray.data.read_parquet(path, filesystem=fs).map_batches(to_xy, batch_format="numpy").materialize()
     return out
+
+
+def configure_ray_data() -> None:
+    """Ray Data settings every dataset here relies on (this process's DataContext)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Rows keep their Parquet order, so every worker that reads a split sees the same sequence and
+    # its share of it (orchestrator.training.loop) is the same from run to run.
+    context.execution_options.preserve_order = True
+    # Ray 2.60's DataSourceV2 read path lists files in a task that idles about 5 s per read (measured here:
+    # 4.5-6.5 s for one 1,438-row file, 48 ms of it CPU); the V1 path reads the same file in 0.1-0.7 s.
+    context.use_datasource_v2 = False
 
 
 def natural_shape(source: str, num_features: int) -> List[int]:

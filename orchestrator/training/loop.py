@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from orchestrator.training.checkpoints import (
     write_manifest,
 )
 from orchestrator.training.data import DatasetInfo, prepare_dataset, ray_datasets
+from orchestrator.training.flops import gpt_flops_per_token, peak_flops
+from orchestrator.training.gpt import GPT
 from orchestrator.training.models import StagedModel, build_model
 from orchestrator.training.parallel import make_runner, shards_data
 from orchestrator.training.phases import (
@@ -44,6 +46,7 @@ from orchestrator.training.phases import (
 )
 from orchestrator.training.resume import mark_done, run_name_for
 from orchestrator.training.schedules import HEAD, Phase, expand_schedule
+from orchestrator.training.tasks import Task, get_task
 from orchestrator.training.tracking import start_tracking
 
 STATE_FILE = "state.pt"
@@ -55,7 +58,7 @@ class TrainResult:
     """What a training run produced."""
 
     metrics: Dict[str, Any]
-    """Metrics of the best checkpoint (by val accuracy)."""
+    """Metrics of the best checkpoint (by the task's selection metric: val accuracy, val loss)."""
     checkpoint_path: str
     """Path of the best checkpoint, inside the storage root's filesystem."""
     history: List[Dict[str, Any]] = field(default_factory=list)
@@ -97,6 +100,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, whatever the plan
     device = ray.train.torch.get_device()
+    task = get_task(cfg.task.name)
 
     model = build_model(cfg.model, info.input_shape, info.num_classes)
     phases = expand_schedule(cfg.schedule, model.stage_names, epochs=cfg.train.epochs, lr=cfg.train.lr)
@@ -111,8 +115,21 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     )
 
     shard = shards_data(cfg.parallel)
-    train_rows = worker_rows(ray.train.get_dataset_shard("train"), rank if shard else 0, world if shard else 1, device)
-    val_rows = worker_rows(ray.train.get_dataset_shard("val"), 0, 1, device)
+    train_rank, train_world = (rank, world) if shard else (0, 1)
+    micro_batch = max(1, cfg.train.batch_size // train_world) if shard else cfg.train.batch_size
+    source: _Source
+    if info.kind == "text":
+        source = _Streamed(
+            train=ray.train.get_dataset_shard("train"), val=ray.train.get_dataset_shard("val"), task=task,
+            rank=train_rank, world=train_world, batch=micro_batch, seed=cfg.train.seed, rows=info.num_train,
+            device=device, val_batches=cfg.train.val_batches,
+        )
+    else:
+        source = _InMemory(
+            train=worker_rows(ray.train.get_dataset_shard("train"), train_rank, train_world, device),
+            val=worker_rows(ray.train.get_dataset_shard("val"), 0, 1, device), task=task, batch=micro_batch,
+            capped=cfg.train.steps_per_epoch > 0,
+        )
     tracker = start_tracking(
         cfg.tracking,
         cfg.storage.root,
@@ -121,12 +138,156 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         config=to_dict(cfg),
         rank=rank,
     )
-    run = _Run(cfg=cfg, model=model, aux_heads=aux_heads, flops=flops, rank=rank, world=world, device=device,
-               train=train_rows, val=val_rows, resume=resume, tracker=tracker)
+    run = _Run(cfg=cfg, task=task, model=model, aux_heads=aux_heads, flops=flops, rank=rank, world=world,
+               device=device, source=source, resume=resume, tracker=tracker, phases=phases,
+               flops_per_token=_flops_per_token(model), peak=peak_flops(device, str(cfg.train.precision),
+                                                                          cfg.train.peak_tflops))
     for phase in phases:
         if phase.end_epoch > resume.epoch:
             run.phase(phase)
     tracker.finish()
+
+
+def _flops_per_token(model: StagedModel) -> Optional[float]:
+    """Training FLOPs per token of a transformer (for MFU); None for models that do not read tokens."""
+    return gpt_flops_per_token(model) if isinstance(model, GPT) else None
+
+
+class _Source:
+    """Where a worker's training and validation batches come from."""
+
+    rows_are_tokens = False
+
+    def steps_per_epoch(self, accum: int) -> int:
+        """Optimizer steps of one pass over this rank's training rows."""
+        raise NotImplementedError
+
+    def prepare(self, phase_model: PhaseModel, runner, cached: bool) -> int:
+        """Run before a phase's epochs; returns the rows whose frozen prefix it computed (0: none)."""
+        return 0
+
+    def train_batches(self, phase_model: PhaseModel, runner, epoch: int, steps: int, start_step: int,
+                      accum: int, cached: bool, seed: int) -> Iterator[Tuple[Any, torch.Tensor, int]]:
+        """(inputs, targets, rows) of the micro-batches of `epoch` (`steps` optimizer steps of `accum` each, or
+        one pass over in-memory rows); the run has taken `start_step` optimizer steps before it, and `seed`
+        orders this epoch. `inputs` is None where the runner does not read them."""
+        raise NotImplementedError
+
+    def eval_batches(self, rank: int, world: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]]:
+        """(inputs, targets, batch) of this rank's share of the val split: every batch exactly once over ranks."""
+        raise NotImplementedError
+
+
+class _InMemory(_Source):
+    """Tabular splits held as tensors (small data): shuffled per epoch by a seeded permutation; a frozen
+    prefix can be computed once per phase."""
+
+    def __init__(self, *, train: Tuple[torch.Tensor, torch.Tensor], val: Tuple[torch.Tensor, torch.Tensor],
+                 task: Task, batch: int, capped: bool):
+        self.train, self.val, self.task, self.batch = train, val, task, batch
+        self.capped = capped
+        """train.steps_per_epoch is set: an epoch is at most that many steps."""
+        self.features = train[0]
+
+    def steps_per_epoch(self, accum):
+        return max(1, len(self.train[1]) // self.batch // accum)
+
+    def prepare(self, phase_model, runner, cached):
+        x, y = self.train
+        self.features = x
+        if cached and runner.needs_inputs:  # the frozen prefix runs once per phase, not once per epoch
+            self.features = phase_model.cached_features(x)
+        return len(y) if cached and runner.needs_inputs else 0
+
+    def train_batches(self, phase_model, runner, epoch, steps, start_step, accum, cached, seed):
+        y = self.train[1]
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        batch = self.batch
+        # A pipeline's micro-batch shapes are fixed at its first step: it skips a last, smaller batch.
+        stop = len(order) - len(order) % batch if not runner.shards_data else len(order)
+        if accum > 1 or self.capped:  # whole optimizer steps only, at most `steps` of them
+            stop = min(len(order) // (batch * accum), steps) * batch * accum
+        for start in range(0, stop, batch):
+            index = order[start: start + batch]
+            inputs = None
+            if runner.needs_inputs:
+                inputs = self.features[index] if cached else phase_model.features(self.train[0][index])
+            yield inputs, y[index], len(index)
+
+    def eval_batches(self, rank, world, batch: int = 512):
+        x, y = self.val
+        for i, start in enumerate(range(0, len(y), batch)):
+            if i % world == rank:
+                yield x[start: start + batch], y[start: start + batch], {}
+
+
+class _Streamed(_Source):
+    """Token blocks streamed from Ray Data (`iter_torch_batches`): no rank holds a split, memory stays flat.
+
+    The train stream is one position-addressed sequence of micro-batches over every epoch and phase:
+    pass p reads the split in its stored order, window by window, and permutes each window of
+    `window` global batches with a generator seeded by (train.seed, p); rank r takes its slice of each
+    global batch. A run resumed after s optimizer steps skips the first s * accum micro-batches (read,
+    not trained), so it sees exactly the batches an uninterrupted run would.
+    """
+
+    rows_are_tokens = True
+
+    def __init__(self, *, train, val, task: Task, rank: int, world: int, batch: int, seed: int, rows: int,
+                 device: torch.device, val_batches: int, window: int = 64):
+        self.train, self.val, self.task = train, val, task
+        self.rank, self.world, self.batch, self.seed = rank, world, batch, seed
+        self.device, self.val_batches = device, val_batches
+        self.global_batch = batch * world
+        self.window_rows = self.global_batch * window
+        full_windows, tail = divmod(rows, self.window_rows)
+        self.per_pass = full_windows * window + tail // self.global_batch
+        if self.per_pass < 1:
+            raise ValueError(
+                f"the training split has {rows} blocks: fewer than one global batch of {self.global_batch}"
+            )
+        self._stream: Optional[Iterator[Dict[str, torch.Tensor]]] = None
+        self._position = -1
+
+    def steps_per_epoch(self, accum):
+        return max(1, self.per_pass // accum)
+
+    def train_batches(self, phase_model, runner, epoch, steps, start_step, accum, cached, seed):
+        position = start_step * accum
+        if self._stream is None or self._position != position:
+            self._stream, self._position = self._from(position), position
+        for _ in range(steps * accum):
+            batch = next(self._stream)
+            self._position += 1
+            inputs, targets = self.task.batch(batch, self.device)
+            yield (phase_model.features(inputs) if runner.needs_inputs else None), targets, len(targets)
+
+    def _from(self, position: int) -> Iterator[Dict[str, torch.Tensor]]:
+        pass_index, skip = divmod(position, self.per_pass)
+        while True:
+            for i, batch in enumerate(self._pass(pass_index)):
+                if i >= skip:
+                    yield batch
+            pass_index, skip = pass_index + 1, 0
+
+    def _pass(self, index: int) -> Iterator[Dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        mine = slice(self.rank * self.batch, (self.rank + 1) * self.batch)
+        for window in self.train.iter_torch_batches(batch_size=self.window_rows, drop_last=False):
+            count = len(window["tokens"]) // self.global_batch * self.global_batch
+            order = torch.randperm(len(window["tokens"]), generator=generator)[:count]
+            for start in range(0, count, self.global_batch):
+                rows = order[start: start + self.global_batch][mine]
+                yield {name: column[rows] for name, column in window.items()}
+
+    def eval_batches(self, rank, world, batch: int = 0):
+        size = batch or self.batch
+        for i, raw in enumerate(self.val.iter_torch_batches(batch_size=size)):
+            if self.val_batches and i >= self.val_batches:
+                break
+            if i % world == rank:
+                inputs, targets = self.task.batch(raw, self.device)
+                yield inputs, targets, raw
 
 
 @dataclass(kw_only=True)
@@ -134,67 +295,103 @@ class _Run:
     """State one worker carries through a schedule."""
 
     cfg: PipelineConfig
+    task: Task
     model: StagedModel
     aux_heads: nn.ModuleDict
     flops: Dict[str, float]
     rank: int
     world: int
     device: torch.device
-    train: Tuple[torch.Tensor, torch.Tensor]
-    val: Tuple[torch.Tensor, torch.Tensor]
+    source: _Source
     resume: _Resume
     tracker: Any
+    phases: List[Phase]
+    flops_per_token: Optional[float] = None
+    peak: Optional[float] = None
+
+    def total_steps(self) -> int:
+        per_epoch = self.epoch_steps()
+        return per_epoch * sum(p.end_epoch - p.first_epoch for p in self.phases)
+
+    def epoch_steps(self) -> int:
+        accum = self.cfg.train.grad_accum_steps
+        return self.cfg.train.steps_per_epoch or self.source.steps_per_epoch(accum)
 
     def phase(self, phase: Phase) -> None:
         cfg = self.cfg
         phase_model = PhaseModel(self.model, self.aux_heads, phase)
-        runner = make_runner(cfg.parallel, phase_model.trainable, phase_model.param_groups(), cfg.train, self.device)
+        runner = make_runner(
+            cfg.parallel, phase_model.trainable, phase_model.param_groups(), cfg.train, self.device,
+            loss=self.task.loss_sum, counted=self.task.counted, padded=self.task.padded, start_step=self.resume.steps,
+            total_steps=self.total_steps(),
+        )
         start = max(phase.first_epoch, self.resume.epoch)
         if start > phase.first_epoch and self.resume.optimizer is not None:
             runner.load_optimizer_state(self.resume.optimizer)  # mid-phase resume keeps the optimizer's moments
-        compute = self.resume.compute
-        cached = cfg.schedule.cache_frozen and bool(phase.frozen_prefix)
-        x, y = self.train
-        if cached:  # the frozen prefix runs once per phase, not once per epoch
-            x = phase_model.cached_features(x) if runner.needs_inputs else x
-            add_cache_compute(
-                compute, phase, self.flops, self._global_rows(len(y), runner) if runner.needs_inputs else 0
-            )
+        # A frozen prefix is computed once per phase where the rows are held (tabular); streamed data runs it
+        # per batch, outside autograd.
+        cached = cfg.schedule.cache_frozen and bool(phase.frozen_prefix) and not self.source.rows_are_tokens
+        prefix_rows = self.source.prepare(phase_model, runner, cached)
+        if cached:
+            add_cache_compute(self.resume.compute, phase, self.flops, self._global(prefix_rows, runner))
         for epoch in range(start, phase.end_epoch):
-            self._epoch(phase, phase_model, runner, x, y, epoch, cached)
+            self._epoch(phase, phase_model, runner, epoch, cached)
 
-    def _epoch(self, phase: Phase, phase_model: PhaseModel, runner, x, y, epoch: int, cached: bool) -> None:
+    def _epoch(self, phase: Phase, phase_model: PhaseModel, runner, epoch: int, cached: bool) -> None:
         cfg = self.cfg
         started = time.perf_counter()
         phase_model.train()
-        batch = cfg.train.batch_size if not runner.shards_data else max(1, cfg.train.batch_size // self.world)
-        train_loss, rows, steps = _train_epoch(
-            runner, phase_model, x, y, batch=batch, seed=cfg.train.seed + epoch, cached=cached
-        )
+        steps = self.epoch_steps()
+        losses, counts, rows = [], [], 0
+        micro = 0
+        for inputs, targets, batch_rows in self.source.train_batches(
+            phase_model, runner, epoch, steps, self.resume.steps, cfg.train.grad_accum_steps, cached,
+            seed=cfg.train.seed + epoch,
+        ):
+            loss_sum, count = runner.step(inputs, targets)
+            losses.append(loss_sum)  # kept as tensors: a float() per step would sync a GPU every step
+            counts.append(count)
+            rows += batch_rows
+            micro += 1
         runner.sync()
-        self.resume.steps += steps
-        add_epoch_compute(self.resume.compute, phase, self.flops, self._global_rows(rows, runner), cached=cached)
+        taken = micro // cfg.train.grad_accum_steps
+        self.resume.steps += taken
+        total = torch.stack(losses).sum().cpu() if losses else torch.zeros(())
+        counted = torch.stack(counts).sum().cpu() if counts else torch.zeros(())
+        train_stats = _all_reduce(torch.stack([total.double(), counted.double()]))
+        train_loss = float(train_stats[0] / max(float(train_stats[1]), 1.0))
+        train_time = time.perf_counter() - started
+        add_epoch_compute(self.resume.compute, phase, self.flops, self._global(rows, runner), cached=cached)
         self.model.eval()
-        val_loss, val_accuracy = _evaluate(self.model, *self.val, self.rank, self.world)
-        phase_accuracy = val_accuracy
-        if phase.output != HEAD:  # what the phase trains (stage + auxiliary head), beside the whole model
-            phase_model.trainable.eval()
-            _, phase_accuracy = _evaluate(
-                lambda v: phase_model.trainable(phase_model.features(v)), *self.val, self.rank, self.world
-            )
-        metrics = {
+        val = self._evaluate(self.model)
+        metrics: Dict[str, Any] = {
             "epoch": epoch + 1,
             "phase": phase.index,
             "phase_name": phase.name,
             "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "phase_val_accuracy": phase_accuracy,
+            **val,
+        }
+        if phase.output != HEAD:  # what the phase trains (stage + auxiliary head), beside the whole model
+            phase_model.trainable.eval()
+            phase_val = self._evaluate(lambda v: phase_model.trainable(phase_model.features(v)))
+            metrics[f"phase_{self.task.selection_metric}"] = phase_val[self.task.selection_metric]
+        else:
+            metrics[f"phase_{self.task.selection_metric}"] = val[self.task.selection_metric]
+        if self.source.rows_are_tokens:
+            predicted = float(train_stats[1])  # tokens that were targets, over every rank
+            metrics["train_tokens"] = predicted
+            metrics["tokens_per_s"] = predicted / train_time
+            metrics["tokens_seen"] = self._tokens_seen(predicted)
+            if self.flops_per_token and self.peak:
+                metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (self.peak * self.world)
+        metrics.update({
+            "peak_rss_mb": _peak_rss_mb(),
             "epoch_time_s": time.perf_counter() - started,
+            "train_time_s": train_time,
             "restored_epoch": self.resume.epoch,
             "steps": self.resume.steps,
             **self.resume.compute.as_metrics(),
-        }
+        })
         self.resume.history.append(metrics)
         self.tracker.log(metrics, step=epoch + 1)
         optimizer_state = runner.optimizer_state()  # every rank: some plans gather it collectively
@@ -206,7 +403,22 @@ class _Run:
         }
         report_epoch(metrics, self.resume.history, state, self.rank)
 
-    def _global_rows(self, rows: int, runner) -> int:
+    def _tokens_seen(self, this_epoch: float) -> float:
+        earlier = self.resume.history[-1]["tokens_seen"] if self.resume.history else 0.0
+        return float(earlier) + this_epoch
+
+    @torch.no_grad()
+    def _evaluate(self, forward) -> Dict[str, float]:
+        """The task's val metrics of `forward` over the whole val split (or train.val_batches of it)."""
+        sums: Optional[torch.Tensor] = None
+        for inputs, targets, batch in self.source.eval_batches(self.rank, self.world):
+            part = self.task.eval_sums(forward(inputs), targets, batch)
+            sums = part if sums is None else sums + part
+        if sums is None:  # a rank with no val batch still takes part in the all-reduce
+            sums = self.task.zero_sums()
+        return self.task.metrics(_all_reduce(sums), "val_")
+
+    def _global(self, rows: int, runner) -> int:
         # Sharded plans train on different rows per rank; a pipeline's ranks all see the same rows.
         if not runner.shards_data or not dist.is_initialized():
             return rows
@@ -266,43 +478,14 @@ def _restore(path: Optional[str], root: str, model: nn.Module, aux_heads: nn.Mod
     )
 
 
-def _train_epoch(runner, phase_model: PhaseModel, x, y, *, batch: int, seed: int, cached: bool) -> tuple:
-    """One pass over this rank's rows in a seeded order; (mean loss over all ranks, rows trained here, steps)."""
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    losses, count, steps = [], 0, 0
-    # A pipeline's micro-batch shapes are fixed at its first step: it skips a last, smaller batch.
-    stop = len(order) - len(order) % batch if not runner.shards_data else len(order)
-    for start in range(0, stop, batch):
-        index = order[start: start + batch]
-        inputs = None
-        if runner.needs_inputs:
-            inputs = x[index] if cached else phase_model.features(x[index])
-        loss_sum, rows = runner.step(inputs, y[index])
-        losses.append(loss_sum)  # kept as tensors: a float() per step would sync a GPU every step
-        count += rows
-        steps += 1
-    total = torch.stack(losses).sum().cpu() if losses else torch.zeros(())
-    return _global_mean(total, torch.tensor(float(count))), stop, steps
+def _peak_rss_mb() -> float:
+    """The largest peak resident memory of any rank's process so far, in MiB (Linux reports KiB)."""
+    import resource
 
-
-@torch.no_grad()
-def _evaluate(forward, x, y, rank: int, world: int, batch: int = 512) -> tuple:
-    """Loss and accuracy over every row of (x, y) exactly once: rank r takes chunks r, r+world, ..."""
-    loss_sum, correct, count = torch.zeros(()), torch.zeros(()), torch.zeros(())
-    for i, start in enumerate(range(0, len(y), batch)):
-        if i % world != rank:
-            continue
-        logits, labels = forward(x[start: start + batch]), y[start: start + batch]
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").cpu()
-        correct += (logits.argmax(dim=1) == labels).sum().cpu()
-        count += len(labels)
-    stats = _all_reduce(torch.stack([loss_sum, correct, count]))
-    return float(stats[0] / stats[2]), float(stats[1] / stats[2])
-
-
-def _global_mean(total: torch.Tensor, count: torch.Tensor) -> float:
-    stats = _all_reduce(torch.stack([total.float(), count.float()]))
-    return float(stats[0] / stats[1])
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_backend() != "nccl":
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak[0])
 
 
 def _all_reduce(stats: torch.Tensor) -> torch.Tensor:
@@ -386,14 +569,14 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
-                checkpoint_score_attribute="val_accuracy",
-                checkpoint_score_order="max",
+                checkpoint_score_attribute=get_task(cfg.task.name).selection_metric,
+                checkpoint_score_order=get_task(cfg.task.name).selection_mode,
             ),
         ),
     )
 
 
-def result_from_ray(result, root: str, info: DatasetInfo) -> TrainResult:
+def result_from_ray(result, root: str, info: DatasetInfo, task: Optional[Task] = None) -> TrainResult:
     """Turn a Ray Train Result into a TrainResult pointing at the run's best complete checkpoint.
 
     Checkpoints are taken from storage, verified, rather than from Ray's report bookkeeping, which
@@ -406,7 +589,10 @@ def result_from_ray(result, root: str, info: DatasetInfo) -> TrainResult:
     }
     if not histories:
         raise RuntimeError(f"training left no complete checkpoint under {result.path}")
-    best = max(histories, key=lambda path: (histories[path][-1]["val_accuracy"], -histories[path][-1]["epoch"]))
+    task = task or get_task("classification")
+    sign = 1.0 if task.selection_mode == "max" else -1.0
+    best = max(histories, key=lambda path: (sign * histories[path][-1][task.selection_metric],
+                                            -histories[path][-1]["epoch"]))
     latest = max(histories, key=lambda path: histories[path][-1]["epoch"])
     return TrainResult(
         metrics=dict(histories[best][-1]), checkpoint_path=best, history=histories[best], run_path=result.path,
@@ -425,7 +611,7 @@ def run_train(cfg: PipelineConfig, info: Optional[DatasetInfo] = None, datasets=
     trainer = build_trainer(
         cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results", datasets=datasets
     )
-    result = result_from_ray(trainer.fit(), cfg.storage.root, info)
+    result = result_from_ray(trainer.fit(), cfg.storage.root, info, get_task(cfg.task.name))
     mark_done(cfg.storage.root, run_name, {"best_checkpoint": result.checkpoint_path, "metrics": result.metrics})
     return result
 
@@ -457,3 +643,32 @@ def checkpoint_weights(root: str, checkpoint_path: str) -> Dict[str, np.ndarray]
     """The model weights of a complete checkpoint as numpy arrays."""
     state = load_state(root, checkpoint_path)
     return {name: tensor.detach().cpu().numpy() for name, tensor in state["model"].items()}
+
+
+def evaluate_checkpoint(cfg: PipelineConfig, info: DatasetInfo, checkpoint_path: str, split: str) -> Dict[str, float]:
+    """The task's metrics of a complete checkpoint on one split (e.g. 'test'), named '<split>_<metric>'.
+
+    Runs in a Ray task holding the training workers' resources (free again once training ended), which
+    streams the split from Ray Data: the driver never reads it.
+    """
+    import ray
+
+    cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+
+    @ray.remote(num_cpus=cpus, num_gpus=1 if cfg.scaling.use_gpu else 0)
+    def evaluate() -> Dict[str, float]:
+        torch.set_num_threads(max(1, int(cpus)))
+        device = torch.device("cuda") if cfg.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        task = get_task(cfg.task.name)
+        model = build_model(cfg.model, info.input_shape, info.num_classes)
+        model.load_state_dict(load_state(cfg.storage.root, checkpoint_path)["model"])
+        model.to(device).eval()
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+        sums = task.zero_sums()
+        with torch.no_grad(), autocast:
+            for raw in ray_datasets(info)[split].iter_torch_batches(batch_size=max(1, cfg.train.batch_size)):
+                inputs, targets = task.batch(raw, device)
+                sums = sums + task.eval_sums(model(inputs), targets, raw)
+        return task.metrics(sums, f"{split}_")
+
+    return ray.get(evaluate.remote())

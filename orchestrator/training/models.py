@@ -18,7 +18,12 @@ from orchestrator.config import ModelConfig
 
 
 class StagedModel(nn.Module):
-    """`head(stage_n(...stage_1(x)))`, with x reshaped to `input_shape` first."""
+    """`head(stage_n(...stage_1(prepare(x))))`.
+
+    Three hooks say what a sample is, so schedules, phases and compute accounting never assume float
+    feature rows: `prepare` (raw batch -> the first stage's input), `example_input` (a batch to trace
+    shapes and FLOPs with) and `make_aux_head` (the head a layer-staged phase trains on a stage).
+    """
 
     def __init__(self, stages: Mapping[str, nn.Module], head: nn.Module, input_shape: Sequence[int]):
         super().__init__()
@@ -29,7 +34,7 @@ class StagedModel(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], *self.input_shape)
+        x = self.prepare(x)
         for stage in self.stages.values():
             x = stage(x)
         return self.head(x)
@@ -38,13 +43,30 @@ class StagedModel(nn.Module):
     def stage_names(self) -> List[str]:
         return list(self.stages.keys())
 
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A raw batch (flat rows, as data sources deliver them) as the first stage takes it: [n, *input_shape]."""
+        return x.reshape(x.shape[0], *self.input_shape)
+
+    def example_input(self, n: int) -> torch.Tensor:
+        """A batch of `n` samples, already prepared, for tracing shapes and counting FLOPs."""
+        return torch.zeros(n, *self.input_shape)
+
+    def make_aux_head(self, stage: str, stage_output_shape: tuple, num_outputs: int) -> nn.Module:
+        """A fresh head on `stage`'s output (one sample of `stage_output_shape`) with `num_outputs` outputs."""
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(stage_output_shape), num_outputs))
+
 
 def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> StagedModel:
-    """Build the configured model for samples of `input_shape` and `num_classes` classes."""
+    """Build the configured model for samples of `input_shape` and `num_classes` classes (for a GPT:
+    `input_shape` is [sequence length] and `num_classes` the vocabulary size)."""
     if cfg._target_:
         return _user_model(cfg._target_, cfg, input_shape, num_classes)
     if cfg.name == "cnn":
         return _cnn(cfg, input_shape, num_classes)
+    if cfg.name == "gpt":
+        from orchestrator.training.gpt import build_gpt  # gpt.py subclasses StagedModel: import it late
+
+        return build_gpt(cfg, input_shape, vocab_size=num_classes)
     return _mlp(cfg, input_shape, num_classes)
 
 

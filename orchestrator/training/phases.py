@@ -9,24 +9,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Set
 
 import torch
 from torch import nn
 
+from orchestrator.training.flops import flop_counter
 from orchestrator.training.models import StagedModel
 from orchestrator.training.schedules import AUX, HEAD, Phase
 
 
 def make_aux_heads(model: StagedModel, phases: Sequence[Phase], num_classes: int, seed: int) -> nn.ModuleDict:
-    """A fresh linear head on every stage some phase uses as its output; seeded so every rank builds the same."""
+    """A fresh head (`model.make_aux_head`) on every stage some phase uses as its output; seeded so every
+    rank builds the same."""
     needed = sorted({p.output for p in phases if p.output != HEAD}, key=model.stage_names.index)
     shapes = _stage_output_shapes(model)
     heads = nn.ModuleDict()
     for offset, name in enumerate(needed):
         torch.manual_seed(seed + 1000 + offset)
-        features = int(torch.Size(shapes[name]).numel())
-        heads[name] = nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
+        heads[name] = model.make_aux_head(name, shapes[name], num_classes)
     return heads
 
 
@@ -34,7 +35,7 @@ def make_aux_heads(model: StagedModel, phases: Sequence[Phase], num_classes: int
 def _stage_output_shapes(model: StagedModel) -> Dict[str, tuple]:
     was_training = model.training
     model.eval()  # batch statistics of two zero rows would be meaningless
-    x = torch.zeros(2, *model.input_shape)
+    x = model.example_input(2)
     shapes = {}
     for name, stage in model.stages.items():
         x = stage(x)
@@ -58,6 +59,8 @@ class PhaseModel:
             param.requires_grad_(False)
         for name, child in self.trainable.named_children():
             child.requires_grad_(name in phase.trainable)
+        for stage in self.prefix:  # a weight a frozen stage shares (tied embeddings) stays frozen, so the
+            stage.requires_grad_(False)  # prefix's outputs, cached or not, do not move under the phase
 
     def train(self) -> None:
         """Trainable children in train mode; frozen ones (and the prefix) in eval: frozen means no dropout
@@ -69,8 +72,8 @@ class PhaseModel:
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen prefix's output for raw rows `x` (reshaped to the model's input shape)."""
-        x = x.reshape(len(x), *self.model.input_shape)
+        """The frozen prefix's output for raw rows `x` (prepared as the model's first stage takes them)."""
+        x = self.model.prepare(x)
         for stage in self.prefix:
             x = stage(x)
         return x
@@ -82,11 +85,15 @@ class PhaseModel:
         return torch.cat([self.features(x[i: i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else x
 
     def param_groups(self) -> List[Dict[str, object]]:
-        """Optimizer parameter groups, one per trainable child, at the phase's learning rate for it."""
-        groups = []
+        """Optimizer parameter groups, one per trainable child, at the phase's learning rate for it. A parameter
+        two children share (a GPT's tied embedding and head) goes to the first one only: torch's optimizers
+        refuse a parameter in two groups."""
+        groups: List[Dict[str, object]] = []
+        seen: Set[int] = set()
         for name, child in self.trainable.named_children():
-            params = [p for p in child.parameters() if p.requires_grad]
+            params = [p for p in child.parameters() if p.requires_grad and id(p) not in seen]
             if name in self.phase.trainable and params:
+                seen.update(id(p) for p in params)
                 groups.append({"params": params, "lr": self.phase.lr[name], "name": name})
         return groups
 
@@ -118,24 +125,23 @@ class Compute:
 
 @torch.no_grad()
 def forward_flops(model: StagedModel, aux_heads: nn.ModuleDict) -> Dict[str, float]:
-    """Forward FLOPs of one sample through each stage, the head ('head') and each aux head ('aux:<stage>')."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Forward FLOPs of one sample (`model.example_input(1)`: a GPT's sample is one sequence) through each
+    stage, the head ('head') and each aux head ('aux:<stage>')."""
     was_training = model.training
     model.eval()
-    flops, x = {}, torch.zeros(1, *model.input_shape)
+    flops, x = {}, model.example_input(1)
     for name, stage in model.stages.items():
-        flops[name], out = _count(FlopCounterMode, stage, x)
+        flops[name], out = _count(stage, x)
         if name in aux_heads:
-            flops[f"aux:{name}"], _ = _count(FlopCounterMode, aux_heads[name], out)
+            flops[f"aux:{name}"], _ = _count(aux_heads[name], out)
         x = out
-    flops[HEAD], _ = _count(FlopCounterMode, model.head, x)
+    flops[HEAD], _ = _count(model.head, x)
     model.train(was_training)
     return flops
 
 
-def _count(counter_cls, module: nn.Module, x: torch.Tensor) -> tuple:
-    counter = counter_cls(display=False)
+def _count(module: nn.Module, x: torch.Tensor) -> tuple:
+    counter = flop_counter()
     with counter:
         out = module(x)
     return float(counter.get_total_flops()), out

@@ -20,6 +20,7 @@ from orchestrator.training.data import DatasetInfo, prepare_dataset, ray_dataset
 from orchestrator.training.loop import TrainResult, build_trainer, read_history
 from orchestrator.training.resume import mark_done, run_name_for
 from orchestrator.training.schedules import schedule_epochs
+from orchestrator.training.tasks import get_task, reported_metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ class TrialSummary:
     overrides: Dict[str, Any]
     """Sampled values, by dotted config path."""
     epochs_run: int
-    val_accuracy: Optional[float]
-    """Best val accuracy the trial reported."""
+    metric: str
+    """The metric trials are ranked by (tune.metric)."""
+    best: Optional[float]
+    """Best value of `metric` the trial reported (highest or lowest, by tune.mode)."""
     status: str
     """'completed', 'stopped early' (by the scheduler) or 'error: ...'."""
 
@@ -49,7 +52,7 @@ class SweepResult:
     """The best trial's best checkpoint and metrics."""
     trials: List[TrialSummary] = field(default_factory=list)
     plot_url: str = ""
-    """PNG of every trial's val accuracy per epoch, best marked."""
+    """PNG of every trial's tune.metric per epoch, best marked."""
 
 
 def to_tune_space(space: Dict[str, Any]) -> Dict[str, Any]:
@@ -196,10 +199,11 @@ def _summarize(grid, cfg: PipelineConfig, name: str, info: DatasetInfo) -> Sweep
         raise RuntimeError(f"sweep {name} produced no usable trial: {errors}")
     best_result, best_row = _best_row(finished, cfg.tune.metric, cfg.tune.mode, cfg.storage.root)
     checkpoint_path = best_row[CHECKPOINT_PATH_KEY]
+    reported = ["train_loss", *reported_metrics(get_task(cfg.task.name))]
     best = TrainResult(
         metrics={
             "epoch": int(best_row["epoch"]),
-            **{k: float(best_row[k]) for k in ("train_loss", "val_loss", "val_accuracy")},
+            **{k: float(best_row[k]) for k in reported if k in best_row},
         },
         checkpoint_path=checkpoint_path,
         history=read_history(cfg.storage.root, checkpoint_path),
@@ -214,7 +218,7 @@ def _summarize(grid, cfg: PipelineConfig, name: str, info: DatasetInfo) -> Sweep
         trials=trials,
     )
     summary.plot_url = write_sweep_plot(
-        grid, summary, storage.join(cfg.storage.root, "ray_results", name, "val_accuracy.png")
+        grid, summary, storage.join(cfg.storage.root, "ray_results", name, f"{cfg.tune.metric}.png"), cfg.tune.metric
     )
     return summary
 
@@ -239,7 +243,9 @@ def _trial_id(result) -> str:
 def _trial_summary(result, cfg: PipelineConfig) -> TrialSummary:
     df = result.metrics_dataframe
     epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
-    best = float(df[cfg.tune.metric].max()) if df is not None and cfg.tune.metric in df else None
+    best = None
+    if df is not None and cfg.tune.metric in df:
+        best = float(df[cfg.tune.metric].max() if cfg.tune.mode == "max" else df[cfg.tune.metric].min())
     if result.error is not None:
         status = f"error: {type(result.error).__name__}"
     else:
@@ -251,13 +257,14 @@ def _trial_summary(result, cfg: PipelineConfig) -> TrialSummary:
         trial_id=_trial_id(result),
         overrides=flatten(result.config),
         epochs_run=epochs,
-        val_accuracy=best,
+        metric=cfg.tune.metric,
+        best=best,
         status=status,
     )
 
 
-def write_sweep_plot(grid, summary: SweepResult, url: str) -> str:
-    """Plot every trial's val accuracy per epoch (best trial bold, its best epoch starred); returns `url`."""
+def write_sweep_plot(grid, summary: SweepResult, url: str, metric: str = "val_accuracy") -> str:
+    """Plot every trial's `metric` per epoch (best trial bold, its best epoch starred); returns `url`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,14 +274,14 @@ def write_sweep_plot(grid, summary: SweepResult, url: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for result in grid:
         df = result.metrics_dataframe
-        if df is None or "val_accuracy" not in df:
+        if df is None or metric not in df:
             continue
         is_best = _trial_id(result) == summary.best_trial_id
-        ax.plot(df["epoch"], df["val_accuracy"], marker="o", markersize=3, linewidth=2.5 if is_best else 1,
+        ax.plot(df["epoch"], df[metric], marker="o", markersize=3, linewidth=2.5 if is_best else 1,
                 alpha=1.0 if is_best else 0.6, label=f"{_trial_id(result)}{' (best)' if is_best else ''}")
-    ax.scatter([summary.best.metrics["epoch"]], [summary.best.metrics["val_accuracy"]], marker="*", s=250, color="gold",
-               edgecolor="black", zorder=5, label="best checkpoint")
-    ax.set(xlabel="epoch", ylabel="val accuracy", title=f"sweep {summary.name}")
+    ax.scatter([summary.best.metrics["epoch"]], [summary.best.metrics.get(metric, float("nan"))], marker="*", s=250,
+               color="gold", edgecolor="black", zorder=5, label="best checkpoint")
+    ax.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"sweep {summary.name}")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

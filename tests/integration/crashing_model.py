@@ -28,3 +28,15 @@ def crash_once_mlp(in_features: int, num_classes: int, marker: str, crash_after_
         CrashOnce(marker, crash_after_calls),
         nn.Linear(64, num_classes),
     )
+
+
+def crash_once_gpt(input_shape, num_classes: int, marker: str, crash_after_calls: int,
+                   layers: int, heads: int, width: int, context: int):
+    """A GPT (orchestrator's own) with a CrashOnce stage after its last block."""
+    from orchestrator.config import BuiltinModel, ModelConfig
+    from orchestrator.training.gpt import build_gpt
+
+    sizes = ModelConfig(name=BuiltinModel.gpt, layers=layers, heads=heads, width=width, context=context)
+    model = build_gpt(sizes, input_shape, vocab_size=num_classes)
+    model.stages["crash"] = CrashOnce(marker, crash_after_calls)
+    return model

@@ -32,6 +32,9 @@ REQUIRED = {
     ("data", "parquet"): {"source": "file:///data/digits.parquet"},
     ("model", "custom"): {"_target_": "tests.unit.user_models.sequential_net"},
 }
+# Options that only make sense together with others (a language model on text), and those others.
+LANGUAGE_MODEL = ["task=causal_lm", "data=text", "model=gpt", "tune.metric=val_loss", "tune.mode=min"]
+COMPANIONS = {("data", "text"): LANGUAGE_MODEL, ("task", "causal_lm"): LANGUAGE_MODEL, ("model", "gpt"): LANGUAGE_MODEL}
 
 
 def _options():
@@ -50,12 +53,20 @@ def test_conf_tree_has_every_group():
 def test_every_group_option_composes_to_its_yaml_values(compose, group, option):
     required = REQUIRED.get((group, option), {})
     overrides = [f"{group}={option}", *(f"{group}.{key}={value}" for key, value in required.items())]
-    cfg = to_config(compose(overrides))
+    companions = [o for o in COMPANIONS.get((group, option), []) if not o.startswith(f"{group}=")]
+    cfg = to_config(compose(overrides + companions))
 
     assert isinstance(cfg, PipelineConfig)
     section = dataclasses.asdict(getattr(cfg, group))
-    yaml_values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    path = CONF / group / f"{option}.yaml"
+    yaml_values = OmegaConf.to_container(OmegaConf.load(path))
     assert isinstance(yaml_values, dict)
+    if path.read_text().startswith("# @package _global_"):  # an option that also sets other sections
+        for other, values in yaml_values.items():
+            if other != group:
+                assert isinstance(other, str) and isinstance(values, dict)
+                assert {k: dataclasses.asdict(getattr(cfg, other))[k] for k in values} == values, f"{option}: {other}"
+        yaml_values = yaml_values[group]
     for key, value in {**yaml_values, **required}.items():
         if (group, key) == ("storage", "root"):
             value = StorageConfig(root=value).root  # normalised; see test_storage_root_*
@@ -127,9 +138,9 @@ def test_an_unknown_top_level_key_fails_naming_it_and_the_known_keys(compose):
     composed = compose(["+foo=bar"])  # Hydra adds '+' keys to any config, a structured one included
     with pytest.raises(ValueError, match="foo is not a config key") as failure:
         to_config(composed)
-    assert "the top-level keys are data, model, parallel" in str(failure.value)
-    with pytest.raises(ValueError, match=r"model\.width is not a config key: model has name, _target_, hidden"):
-        to_config(compose(["+model.width=5"]))
+    assert "the top-level keys are task, data, model, parallel" in str(failure.value)
+    with pytest.raises(ValueError, match=r"model\.depth is not a config key: model has name, _target_, hidden"):
+        to_config(compose(["+model.depth=5"]))
 
 
 def test_an_unknown_group_option_fails_at_compose(compose):

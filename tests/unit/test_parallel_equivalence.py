@@ -33,3 +33,19 @@ def test_one_step_matches_single_process(distributed_results, plan, kind, phase)
     assert moved, "the step changed no weight: the comparison would prove nothing"
     for name in reference:
         torch.testing.assert_close(got[name], reference[name], atol=1e-5, rtol=0, msg=f"{plan} {kind}[{phase}] {name}")
+
+
+@pytest.mark.parametrize("plan,tied", [("gpt-fsdp", True), ("gpt-pipeline-1f1b", False)])
+@pytest.mark.parametrize("kind,phase", workers.GPT_CASES)
+def test_gpt_one_step_matches_single_process(distributed_results, plan, tied, kind, phase):
+    """The GPT under FSDP2 (tied embeddings stay in the root unit) and under a 1F1B pipeline (untied: the
+    embedding and the head sit on different ranks), with the causal-LM loss, padding, clipping: fp32 within 1e-5."""
+    single = ParallelConfig(strategy=ParallelStrategy.ddp)
+    reference = workers.gpt_one_step(kind, phase, single, slice(None), tied=tied)
+    before = workers.gpt_one_step(kind, phase, single, slice(0, 0), tied=tied)
+    got = distributed_results[(plan, kind, phase)]
+    assert got.keys() == reference.keys()
+    moved = [k for k in reference if not torch.equal(reference[k], before[k])]
+    assert moved, "the step changed no weight: the comparison would prove nothing"
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], atol=1e-5, rtol=0, msg=f"{plan} {kind}[{phase}] {name}")

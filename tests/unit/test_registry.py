@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from orchestrator.registry import (
+    LEGACY_WEIGHTS,
     MANIFEST,
     MANIFEST_SUM,
     WEIGHTS,
@@ -177,10 +178,13 @@ def test_load_refuses_pickled_object_arrays(registry, tmp_path):
     np.savez(blob_path, weights=payload)  # object arrays are stored pickled
     blob = blob_path.read_bytes()
 
-    # A version whose manifest vouches for the file, as a writer with access to the store could make.
+    # A version in the old npz layout whose manifest vouches for the file, as a writer with access to the
+    # store could make (new versions are safetensors, which has no way to hold a pickle).
     url = storage.join(registry.url, "digits", "versions", "1")
-    manifest = json.dumps({"model": "digits", "version": 1, "files": {WEIGHTS: sha256(blob)}}, sort_keys=True).encode()
-    storage.write_bytes_atomic(storage.join(url, WEIGHTS), blob)
+    manifest = json.dumps(
+        {"model": "digits", "version": 1, "files": {LEGACY_WEIGHTS: sha256(blob)}}, sort_keys=True
+    ).encode()
+    storage.write_bytes_atomic(storage.join(url, LEGACY_WEIGHTS), blob)
     storage.write_bytes_atomic(storage.join(url, MANIFEST_SUM), sha256(manifest).encode())
     storage.write_bytes_atomic(storage.join(url, MANIFEST), manifest)
 
