@@ -95,7 +95,7 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
     if info is None:
         raise ValueError("register_run needs a TrainResult that names its dataset (result.data)")
     task = get_task(cfg.task.name)
-    distinct = {id(w): w for w in weights.values()}.values()  # a tied matrix counts once
+    distinct = {w.untyped_storage().data_ptr(): w for w in weights.values()}.values()  # a tied matrix counts once
     metrics = {**result.metrics, "params": sum(w.numel() for w in distinct)}
     files: Dict[str, bytes] = {}
     if info.kind == "text":

@@ -376,7 +376,12 @@ def prepare_text(cfg: DataConfig, root: str) -> DatasetInfo:
         for split in ("val", "test")
         for name, value in compression_bits_per_byte(read_documents(members[split], cfg.text_column)).items()
     }
-    members["train"] = members["train"] * cfg.repeat
+    # The train split is written in a seeded random document order (each repeat its own): workers stream it
+    # in stored order, shuffling within windows, so a sorted corpus (all of encodings/, then all of email/, ...)
+    # would feed the model one package at a time.
+    order = np.random.default_rng(cfg.split_seed + 1)
+    train = members["train"]
+    members["train"] = [train[i] for _ in range(cfg.repeat) for i in order.permutation(len(train))]
     rows, tokens = {}, {}
     for split in SPLITS:
         rows[split], tokens[split] = _write_split(storage.join(url, split), members[split], tokenizer, cfg)
@@ -402,7 +407,7 @@ def _digest(documents: Iterable[bytes], cfg: DataConfig) -> Tuple[str, List[int]
     vocab = cfg.vocab_size if cfg.tokenizer == TokenizerKind.bpe else 0
     h.update(
         f"text:{cfg.tokenizer}:{vocab}:{cfg.context}:{cfg.val_fraction}:{cfg.test_fraction}:"
-        f"{cfg.split_seed}:{cfg.repeat}".encode()
+        f"{cfg.split_seed}:{cfg.repeat}:train-shuffled".encode()
     )
     return h.hexdigest(), sizes
 
