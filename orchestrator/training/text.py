@@ -303,6 +303,12 @@ def split_documents(count: int, val_fraction: float, test_fraction: float, seed:
     return {split: sorted(int(i) for i in held[split]) for split in SPLITS}
 
 
+def training_order(count: int, repeat: int, seed: int) -> List[int]:
+    """Positions of the `count` train documents in the order they are written: `repeat` seeded permutations."""
+    rng = np.random.default_rng(seed + 1)
+    return [int(i) for _ in range(repeat) for i in rng.permutation(count)]
+
+
 # ------------------------------------------------------------------------------------------------ blocking
 
 
@@ -379,9 +385,8 @@ def prepare_text(cfg: DataConfig, root: str) -> DatasetInfo:
     # The train split is written in a seeded random document order (each repeat its own): workers stream it
     # in stored order, shuffling within windows, so a sorted corpus (all of encodings/, then all of email/, ...)
     # would feed the model one package at a time.
-    order = np.random.default_rng(cfg.split_seed + 1)
     train = members["train"]
-    members["train"] = [train[i] for _ in range(cfg.repeat) for i in order.permutation(len(train))]
+    members["train"] = [train[i] for i in training_order(len(train), cfg.repeat, cfg.split_seed)]
     rows, tokens = {}, {}
     for split in SPLITS:
         rows[split], tokens[split] = _write_split(storage.join(url, split), members[split], tokenizer, cfg)

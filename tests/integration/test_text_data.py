@@ -3,6 +3,7 @@ the documents, stored once per digest, read back lazily in the same order."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Dict, List
 
@@ -22,6 +23,7 @@ from orchestrator.training.text import (
     load_tokenizer,
     read_documents,
     split_documents,
+    training_order,
 )
 
 STDLIB = DataConfig(kind=DataKind.text, source="stdlib", max_files=30, context=64, vocab_size=512)
@@ -49,8 +51,12 @@ def _documents_of(rows: Dict[str, np.ndarray], decode) -> List[bytes]:
 
 
 def _split_texts(cfg: DataConfig, split: str) -> List[bytes]:
+    """A split's documents in the order they are written: val and test in corpus order, train (repeats included)
+    in its seeded training order."""
     refs = list_documents(cfg)
     members = split_documents(len(refs), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)[split]
+    if split == "train":
+        members = [members[i] for i in training_order(len(members), cfg.repeat, cfg.split_seed)]
     return list(read_documents([refs[i] for i in members], cfg.text_column))
 
 
@@ -93,7 +99,8 @@ def test_parquet_text_column_with_bytes_tokenizer(ray_cluster, tmp_path):
     info = prepare_dataset(cfg, (tmp_path / "root").as_uri())
     tokenizer = load_tokenizer(info.tokenizer_url)
     assert (info.vocab_size, info.tokenizer, info.files["train"]) == (258, "bytes", 2 * 9)
-    assert _documents_of(_rows(info, "train"), tokenizer.decode) == _split_texts(cfg, "train") * 2
+    assert _documents_of(_rows(info, "train"), tokenizer.decode) == _split_texts(cfg, "train")
+    assert sorted(_split_texts(cfg, "train")) == sorted(_split_texts(dataclasses.replace(cfg, repeat=1), "train") * 2)
     assert _documents_of(_rows(info, "val"), tokenizer.decode) == _split_texts(cfg, "val")
 
 
