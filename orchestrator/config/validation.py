@@ -57,6 +57,8 @@ def check_task(cfg: PipelineConfig) -> None:
         require(not (cfg.parallel.strategy == ParallelStrategy.pipeline and cfg.model.tie_embeddings),
                 "model.tie_embeddings", "must be false under parallel.strategy=pipeline (the embedding and the head "
                 "sit on different ranks, which cannot share one weight)")
+    require(not cfg.optimize.methods or task == TaskKind.classification, "optimize.methods",
+            f"compress classification models only (their gate compares accuracy), not task.name={task}")
     metrics = ["train_loss", *(f"val_{name}" for name in TASK_METRICS[task])]
     require(cfg.tune.metric in metrics, "tune.metric", f"must be one of {metrics} for task.name={task}, "
             f"got {cfg.tune.metric!r}")

@@ -54,6 +54,8 @@ class CompareResult:
 def compare_schedules(cfg: PipelineConfig) -> List[ScheduleConfig]:
     """The schedule of each kind in `cfg.compare.schedules`; the configured schedule keeps its own settings.
     Raises ValueError (before Ray starts) for a kind that cannot run on this model and budget."""
+    if cfg.task.name != "classification":  # the comparison ranks schedules by val accuracy
+        raise ValueError(f"task.name {cfg.task.name} cannot be compared yet: jobs.compare ranks classification runs")
     out = []
     for kind in cfg.compare.schedules:
         if kind == cfg.schedule.kind:

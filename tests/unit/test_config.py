@@ -306,3 +306,28 @@ def test_the_config_package_imports_neither_torch_nor_ray_nor_training():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["task=causal_lm"], "data.kind"),                                        # a language model needs text
+    (["data=text", "model=gpt"], "data.kind"),                                # text needs task=causal_lm
+    (["task=causal_lm", "data=text"], "model.name"),                          # an mlp is no language model
+    (["task=causal_lm", "data=text", "model=gpt"], "tune.metric"),            # val_accuracy is not reported
+    (LANGUAGE_MODEL + ["data.context=512"], "data.context"),                  # longer than the model's positions
+    (LANGUAGE_MODEL + ["parallel=pipeline", "parallel.microbatches=2"], "model.tie_embeddings"),
+    (LANGUAGE_MODEL + ["optimize=int8"], "optimize.methods"),
+])
+def test_task_data_and_model_must_fit_together_before_ray_starts(compose, overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        to_config(compose(overrides))
+
+
+def test_the_language_model_recipes_compose(compose):
+    cpu = to_config(compose(["experiment=code_lm"]))
+    assert (cpu.task.name, cpu.data.source, cpu.model.name, cpu.tune.metric) == (
+        "causal_lm", "stdlib", "gpt", "val_bits_per_byte")
+    assert [path for path, _ in iter_search_space(cpu.tune.search_space)] == ["train.lr"]  # nulls drop the defaults
+    gpu = to_config(compose(["experiment=code_lm_gpu"]))
+    assert (gpu.parallel.strategy, gpu.parallel.backend, gpu.train.precision, gpu.scaling.use_gpu) == (
+        "fsdp", "nccl", "bf16", True)
+    assert (gpu.model.layers, gpu.model.width, gpu.model.context) == (12, 768, 1024)
