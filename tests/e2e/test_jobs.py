@@ -137,7 +137,7 @@ def test_bad_override_fails_before_ray_starts(override, field, tmp_path):
 
 @pytest.mark.parametrize("override, named, known", [
     ("experiment=smok", "experiment/smok", "smoke"),  # a misspelt option: Hydra lists the group's options
-    ("+foo=bar", "foo is not a config key", "the top-level keys are data, model"),  # an unknown key
+    ("+foo=bar", "foo is not a config key", "the top-level keys are task, data, model"),  # an unknown key
 ])
 def test_a_mistyped_option_or_key_fails_before_ray_starts_naming_what_exists(override, named, known, tmp_path):
     started = time.time()
