@@ -342,22 +342,23 @@ class _Run:
         started = time.perf_counter()
         phase_model.train()
         steps = self.epoch_steps()
-        losses, counts, rows = [], [], 0
+        # Running sums on the device: a float() per step would sync a GPU every step, and a list of one small
+        # tensor per step pins glibc's heap between the step's large buffers (worker RSS grew 11x on a 10x corpus).
+        total, counted, rows = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), 0
         micro = 0
         for inputs, targets, batch_rows in self.source.train_batches(
             phase_model, runner, epoch, steps, self.resume.steps, cfg.train.grad_accum_steps, cached,
             seed=cfg.train.seed + epoch,
         ):
             loss_sum, count = runner.step(inputs, targets)
-            losses.append(loss_sum)  # kept as tensors: a float() per step would sync a GPU every step
-            counts.append(count)
+            total = total.to(loss_sum.device) + loss_sum.detach().double()
+            counted = counted.to(loss_sum.device) + torch.as_tensor(count, device=loss_sum.device).double()
             rows += batch_rows
             micro += 1
         runner.sync()
         taken = micro // cfg.train.grad_accum_steps
         self.resume.steps += taken
-        total = torch.stack(losses).sum().cpu() if losses else torch.zeros(())
-        counted = torch.stack(counts).sum().cpu() if counts else torch.zeros(())
+        total, counted = total.cpu(), counted.cpu()
         train_stats = _all_reduce(torch.stack([total.double(), counted.double()]))
         train_loss = float(train_stats[0] / max(float(train_stats[1]), 1.0))
         train_time = time.perf_counter() - started
