@@ -24,19 +24,15 @@ import torch.distributed as dist
 from torch import nn
 
 from orchestrator.config import ParallelConfig, Precision, TrainConfig
+from orchestrator.training.tasks import Classification
+
+_DEFAULT_TASK = Classification()
+"""The task a runner trains when its caller names none (benchmarks, tests of the plans)."""
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(outputs, targets) -> loss summed over a micro-batch's counted predictions (a task's `loss_sum`)."""
 Counted = Callable[[torch.Tensor], torch.Tensor]
 """targets -> how many predictions the loss sums over, a float tensor (a task's `counted`)."""
-
-
-def _classification_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(outputs.float(), targets, reduction="sum")
-
-
-def _rows(targets: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(float(len(targets)), device=targets.device)
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -149,7 +145,7 @@ class Runner:
 
 class DDPRunner(Runner):
     def __init__(self, module: nn.Module, groups: List[Dict[str, Any]], train_cfg: TrainConfig,
-                 device: torch.device, loss: Loss = _classification_loss, counted: Counted = _rows,
+                 device: torch.device, loss: Loss = _DEFAULT_TASK.loss_sum, counted: Counted = _DEFAULT_TASK.counted,
                  start_step: int = 0, total_steps: int = 0, padded: bool = False):
         # Frozen parameters are skipped by DDP (requires_grad=False); the frozen prefix is not in `module`.
         self.module = nn.parallel.DistributedDataParallel(module) if _distributed() else module
@@ -181,7 +177,7 @@ def _shares_parameters(child: nn.Module, others: List[nn.Module]) -> bool:
 
 class FSDPRunner(Runner):
     def __init__(self, module: nn.Module, groups: List[Dict[str, Any]], train_cfg: TrainConfig,
-                 device: torch.device, loss: Loss = _classification_loss, counted: Counted = _rows,
+                 device: torch.device, loss: Loss = _DEFAULT_TASK.loss_sum, counted: Counted = _DEFAULT_TASK.counted,
                  start_step: int = 0, total_steps: int = 0, padded: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -262,8 +258,9 @@ class PipelineRunner(Runner):
     shards_data = False
 
     def __init__(self, module: nn.Module, groups: List[Dict[str, Any]], train_cfg: TrainConfig,
-                 cfg: ParallelConfig, device: torch.device, loss: Loss = _classification_loss, counted: Counted = _rows,
-                 start_step: int = 0, total_steps: int = 0, padded: bool = False):
+                 cfg: ParallelConfig, device: torch.device, loss: Loss = _DEFAULT_TASK.loss_sum,
+                 counted: Counted = _DEFAULT_TASK.counted, start_step: int = 0, total_steps: int = 0,
+                 padded: bool = False):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -365,8 +362,8 @@ def make_runner(
     train_cfg: TrainConfig,
     device: torch.device,
     *,
-    loss: Loss = _classification_loss,
-    counted: Counted = _rows,
+    loss: Loss = _DEFAULT_TASK.loss_sum,
+    counted: Counted = _DEFAULT_TASK.counted,
     padded: bool = False,
     start_step: int = 0,
     total_steps: int = 0,

@@ -27,12 +27,7 @@ def test_one_step_matches_single_process(distributed_results, plan, kind, phase)
     before = workers.one_step(
         kind, phase, ParallelConfig(strategy=ParallelStrategy.ddp), slice(0, 0)
     )  # a step on no rows: initial weights
-    got = distributed_results[(plan, kind, phase)]
-    assert got.keys() == reference.keys()
-    moved = [k for k in reference if not torch.equal(reference[k], before[k])]
-    assert moved, "the step changed no weight: the comparison would prove nothing"
-    for name in reference:
-        torch.testing.assert_close(got[name], reference[name], atol=1e-5, rtol=0, msg=f"{plan} {kind}[{phase}] {name}")
+    _assert_same_step(distributed_results[(plan, kind, phase)], reference, before, f"{plan} {kind}[{phase}]")
 
 
 @pytest.mark.parametrize("plan,tied", [("gpt-fsdp", True), ("gpt-pipeline-1f1b", False)])
@@ -43,9 +38,13 @@ def test_gpt_one_step_matches_single_process(distributed_results, plan, tied, ki
     single = ParallelConfig(strategy=ParallelStrategy.ddp)
     reference = workers.gpt_one_step(kind, phase, single, slice(None), tied=tied)
     before = workers.gpt_one_step(kind, phase, single, slice(0, 0), tied=tied)
-    got = distributed_results[(plan, kind, phase)]
+    _assert_same_step(distributed_results[(plan, kind, phase)], reference, before, f"{plan} {kind}[{phase}]")
+
+
+def _assert_same_step(got, reference, before, label: str) -> None:
+    """`got` holds the weights `reference` holds (within 1e-5), and the step moved some weight from `before`."""
     assert got.keys() == reference.keys()
     moved = [k for k in reference if not torch.equal(reference[k], before[k])]
     assert moved, "the step changed no weight: the comparison would prove nothing"
     for name in reference:
-        torch.testing.assert_close(got[name], reference[name], atol=1e-5, rtol=0, msg=f"{plan} {kind}[{phase}] {name}")
+        torch.testing.assert_close(got[name], reference[name], atol=1e-5, rtol=0, msg=f"{label} {name}")
