@@ -6,7 +6,7 @@ typed `PipelineConfig` (a bad override fails there, before Ray starts), connects
 needs it, and prints the summary as one JSON line: the job's result, the last line scripts and tests
 read. Exit codes are Hydra's: 0 when `run` returns, 1 when composing, checking or running raises.
 
-The tools without Hydra (`jobs.keys`, `jobs.rollout`) are a `Tool` (argparse, one command per verb)
+The tools without Hydra (`jobs.keys`, `jobs.rollout`, `jobs.registry`) are a `Tool` (argparse, one command per verb)
 built from the options below, so `--root`, `--url` and `--key` mean the same in each.
 """
 
@@ -42,7 +42,11 @@ def hydra_job(run: Callable[[PipelineConfig], Summary], *, check: Optional[Calla
     needs_ray: whether this config needs a connected Ray for `run`; without it, Ray (and torch) are not
         even imported.
     serves: `run` leaves a Serve app up: the summary is printed while Ray is connected, then with
-        `serve.block` the job serves until Ctrl-C or SIGTERM (`ray job stop`).
+        `serve.block` the job serves until Ctrl-C or SIGTERM (`ray job stop`); a multirun (`-m`) with
+        `serve.block=true` is refused before Ray starts, since its first job would never return.
+
+    Under a multirun, every job connects to Ray (an embedded one starts and stops with each job) and
+    prints its own summary line.
     """
     import hydra  # here, not above: jobs.keys and jobs.rollout need none of it
 
@@ -52,6 +56,8 @@ def hydra_job(run: Callable[[PipelineConfig], Summary], *, check: Optional[Calla
     @functools.wraps(run)  # Hydra names the job after the function it unwraps to: jobs/<verb>.py's `run`
     def main(dcfg: Any) -> None:
         cfg = to_config(dcfg)
+        if serves and cfg.serve.block and needs_ray(cfg) and is_multirun():
+            raise SystemExit(MULTIRUN_BLOCKS)
         if check is not None:
             check(cfg)
         if not needs_ray(cfg):
@@ -69,6 +75,19 @@ def hydra_job(run: Callable[[PipelineConfig], Summary], *, check: Optional[Calla
         print_summary(summary)  # after an embedded Ray has stopped: nothing of it prints below this line
 
     return main
+
+
+MULTIRUN_BLOCKS = ("serve.block=true cannot run under Hydra multirun (-m): the first job would serve until "
+                   "interrupted and the others would never run. Add serve.block=false: each job then deploys, "
+                   "checks its endpoint and exits.")
+
+
+def is_multirun() -> bool:
+    """Whether this Hydra job is one of a multirun's (`-m`): jobs run one after another in this process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def print_summary(summary: Summary) -> None:
@@ -90,6 +109,8 @@ class Option:
     """What --help shows as the default, when not the value itself (a secret's source)."""
     metavar: Optional[str] = None
     """The value's name in --help."""
+    switch: bool = False
+    """A flag without a value (e.g. --json): False unless given; `default` is ignored."""
 
 
 def root_option() -> Option:
@@ -118,10 +139,11 @@ class Tool:
         for option in options:
             shown = str(option.default if option.shown_default is None else option.shown_default)
             shown = shown.replace("%", "%%")  # argparse %-formats help strings
-            self.parser.add_argument(option.flag, default=option.default, metavar=option.metavar,
-                                     help=f"{option.help} (default: {shown})")
-            self._after_command.add_argument(option.flag, default=argparse.SUPPRESS, metavar=option.metavar,
-                                             help=option.help)
+            kind: Dict[str, Any] = {"action": "store_true"} if option.switch else {"metavar": option.metavar}
+            self.parser.add_argument(option.flag, default=False if option.switch else option.default,
+                                     help=option.help if option.switch else f"{option.help} (default: {shown})",
+                                     **kind)
+            self._after_command.add_argument(option.flag, default=argparse.SUPPRESS, help=option.help, **kind)
         self._commands = self.parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(self, name: str, help: str) -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Compress a registry version into gated variants. `python -m jobs.optimize optimize=int8 optimize.source=production`
 
-Each variant in `optimize.methods` is registered (alias = its method) only when its val accuracy is
+Each variant in `optimize.methods` is registered (alias = its method) only when its test accuracy is
 within `optimize.tolerance` of its parent's; the report table is printed and written under the
 storage root, and the last line is a JSON summary.
 """

@@ -12,13 +12,15 @@ import numpy as np
 from orchestrator.client import check_endpoint
 from orchestrator.config import PipelineConfig, to_config, to_dict
 from orchestrator.optimize.run import OptimizeResult, run_optimize
-from orchestrator.registry import storage
-from orchestrator.registry.store import ModelRegistry, ModelVersion
+from orchestrator.registry import promotion, storage
+from orchestrator.registry.curves import CURVES_FILE, training_curves_png
+from orchestrator.registry.store import ModelRegistry, ModelVersion, registry_for
 from orchestrator.runtime import ensure_ray
-from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.training.data import DatasetInfo, load_split, prepare_dataset
 from orchestrator.training.loop import TrainResult, evaluate_checkpoint, load_state
 from orchestrator.training.sweep import SweepResult, run_sweep
 from orchestrator.training.tasks import Task, get_task, headline_metrics
+from orchestrator.training.tracking import tag_registered_version
 from serve.deploy import DeployResult, run_deploy
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ class PipelineResult:
     deployment: Optional[DeployResult]
     """The live endpoint; None for a task this build does not serve over HTTP (causal_lm)."""
     endpoint_accuracy: Optional[float]
-    """Accuracy of the labels the live endpoint returned for CHECK_ROWS val rows."""
+    """Accuracy of the labels the live endpoint returned for CHECK_ROWS val rows of the deployed version's data."""
     optimize: Optional[OptimizeResult] = None
     """The compressed variants of `version`, when `optimize.methods` named some."""
 
@@ -48,6 +50,7 @@ class PipelineResult:
         }
         if self.deployment is not None:
             out.update(endpoint=self.deployment.endpoint, api_key=self.deployment.api_key,
+                       deployed_version=self.deployment.version,
                        endpoint_check_accuracy=round(self.endpoint_accuracy or 0.0, 4))
         else:
             out["endpoint"] = None
@@ -56,11 +59,14 @@ class PipelineResult:
         return out
 
 
-def version_summary(version: ModelVersion, task: Task) -> Dict[str, Any]:
-    """A registered version's headline metrics (val, and test where evaluated) and, for text, the
-    compression baselines on the same val/test text."""
+def version_summary(version: ModelVersion, task: Task, *, promotion: bool = True) -> Dict[str, Any]:
+    """A registered version's headline metrics (val, and test where evaluated), whether it was promoted
+    and why (unless not `promotion`), and, for text, the compression baselines on the same val/test text."""
     metrics = version.metrics
     out: Dict[str, Any] = headline_metrics(task, metrics, ("val", "test"))
+    decision = version.manifest.get("promotion")
+    if decision is not None and promotion:
+        out.update(promoted=decision["promoted"], alias=decision["alias"], promotion_reason=decision["reason"])
     out.update({k: round(float(v), 4) for k, v in metrics.items() if k.endswith("zip_bits_per_byte")
                 or k.endswith("xz_bits_per_byte")})
     for key in ("params", "tokens_seen", "tokens_per_s", "mfu"):
@@ -71,10 +77,14 @@ def version_summary(version: ModelVersion, task: Task) -> Dict[str, Any]:
 
 @contextlib.contextmanager
 def connected(cfg: PipelineConfig, *, keep: bool = False) -> Iterator[None]:
-    """Connect to Ray for the duration of a job; shut down an embedded Ray we started unless `keep`."""
+    """Connect to Ray for the duration of a job; shut down an embedded Ray we started unless `keep`.
+
+    S3 writes of this process use `cfg.storage`'s server-side encryption from here on (Ray Train's
+    checkpoint filesystem, built here, carries it to the workers)."""
     import ray
 
-    started = ensure_ray(cfg.scaling)
+    storage.use_s3_server_side_encryption(cfg.storage.s3_sse, cfg.storage.s3_sse_kms_key_id)
+    started = ensure_ray(cfg.scaling, verbose=cfg.verbose)
     try:
         yield
     finally:
@@ -88,7 +98,7 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
     `cfg` must be the configuration the run trained with (a sweep's best trial: base + overrides);
     it is recorded in full so the version can be rebuilt and served.
     """
-    registry = ModelRegistry(cfg.storage.root)
+    registry = registry_for(cfg)
     # Tensors as trained (bf16 included); reading refuses a torn checkpoint first.
     weights = load_state(cfg.storage.root, result.checkpoint_path)["model"]
     info = result.data
@@ -98,14 +108,17 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
     distinct = {w.untyped_storage().data_ptr(): w for w in weights.values()}.values()  # a tied matrix counts once
     metrics = {**result.metrics, "params": sum(w.numel() for w in distinct)}
     files: Dict[str, bytes] = {}
+    # The held-out test split, scored once for the checkpoint val chose: what promotion compares.
+    metrics.update(evaluate_checkpoint(cfg, info, result.checkpoint_path, "test"))
     if info.kind == "text":
-        # Held-out test text, scored once for the chosen checkpoint, beside gzip -9 and xz -9e on the same text.
-        metrics.update(evaluate_checkpoint(cfg, info, result.checkpoint_path, "test"))
-        metrics.update(info.baselines)
+        metrics.update(info.baselines)  # gzip -9 and xz -9e on the same val/test text
         if result.history:
             last = result.history[-1]
             metrics.update({k: last[k] for k in ("tokens_seen", "tokens_per_s", "mfu") if k in last})
         files["tokenizer.json"] = storage.read_bytes(info.tokenizer_url)
+    if result.history:  # the epochs the manifest records, drawn: `python -m jobs.registry show` names the file
+        files[CURVES_FILE] = training_curves_png(result.history, task.name)
+    decision = promotion.decide(registry, cfg.registry, task, metrics=metrics, data_digest=info.digest)
     version = registry.register(
         cfg.registry.model_name,
         weights,
@@ -114,10 +127,14 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
         lineage={**lineage, "checkpoint": result.checkpoint_path, "data_digest": info.digest, "data_url": info.url},
         signature=task.signature(info),
         files=files,
+        promotion=decision.record(),
     )
-    if cfg.registry.promote_alias:
-        registry.set_alias(cfg.registry.model_name, cfg.registry.promote_alias, version.version)
-    log.info("registered %s v%d %s", version.model, version.version, version_summary(version, task))
+    if decision.alias:
+        registry.set_alias(cfg.registry.model_name, decision.alias, version.version)
+    log.info("registered %s v%d %s", version.model, version.version, version_summary(version, task, promotion=False))
+    log.info("%s", decision.message(version.model, version.version))  # the one line that says why
+    # The run's MLflow run (named in its reported epochs) learns which version it became.
+    tag_registered_version(cfg.tracking, cfg.storage.root, result.history, f"{version.model}:{version.version}")
     return version
 
 
@@ -129,6 +146,9 @@ def register_sweep(cfg: PipelineConfig, sweep: SweepResult) -> ModelVersion:
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     """Data -> sweep -> register -> [optimize] -> deploy, then one real HTTP request to the new endpoint.
+
+    Deploys the new version when it was promoted; otherwise the version `registry.promote_alias` holds
+    (so the unversioned route and /versions/<alias> serve the same model).
 
     Ray must be connected (see `connected`). Raises if the endpoint does not answer correctly.
     """
@@ -142,14 +162,30 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         return PipelineResult(sweep=sweep, version=version, deployment=None, endpoint_accuracy=None)
     # Optional: gated compressed variants of the new version, registered beside it (deploy by alias).
     optimized = run_optimize(cfg, str(version.version)) if cfg.optimize.methods else None
-    deployment = run_deploy(cfg, str(version.version))
-    features, labels = load_split(info, "val")
-    answer = check_endpoint(deployment, features[:CHECK_ROWS])
-    predicted = np.asarray(next(o for o in answer["outputs"] if o["name"] == "label")["data"])
-    accuracy = float((predicted == labels[:CHECK_ROWS]).mean())
+    deployment = run_deploy(cfg, str(serving_version(cfg, version)))
+    accuracy = _endpoint_accuracy(cfg, deployment, info)
     return PipelineResult(
         sweep=sweep, version=version, deployment=deployment, endpoint_accuracy=accuracy, optimize=optimized
     )
+
+
+def serving_version(cfg: PipelineConfig, version: ModelVersion) -> int:
+    """What the pipeline deploys after registering `version`: it, when promoted (or when no alias is kept),
+    else the version `registry.promote_alias` points at."""
+    if not cfg.registry.promote_alias or version.manifest.get("promotion", {}).get("promoted", True):
+        return version.version
+    return ModelRegistry(cfg.storage.root).aliases(version.model).get(cfg.registry.promote_alias, version.version)
+
+
+def _endpoint_accuracy(cfg: PipelineConfig, deployment: DeployResult, info: DatasetInfo) -> float:
+    """Accuracy of the live endpoint on CHECK_ROWS val rows of the data the deployed version was trained on."""
+    deployed = ModelRegistry(cfg.storage.root).get(deployment.model, deployment.version)
+    if deployed.manifest.get("lineage", {}).get("data_digest") != info.digest:  # an older version on other data
+        info = prepare_dataset(to_config(deployed.manifest["config"]).data, cfg.storage.root)
+    features, labels = load_split(info, "val")
+    answer = check_endpoint(deployment, features[:CHECK_ROWS])
+    predicted = np.asarray(next(o for o in answer["outputs"] if o["name"] == "label")["data"])
+    return float((predicted == labels[:CHECK_ROWS]).mean())
 
 
 def serve_until_interrupted(cfg: PipelineConfig, *, shutdown_timeout_s: float = 60.0) -> None:

@@ -1,5 +1,5 @@
-"""Building the Serve application: the three deployments bound together (`build_app`), and the
-builder Serve config files name (`import_path: serve.app:app_builder`).
+"""Building the Serve application: the serving replicas and the rollout controller bound together
+(`build_app`), and the builder Serve config files name (`import_path: serve.app:app_builder`).
 
     serve run serve/config.yaml                       # from the repository root
     serve deploy serve/config.yaml -a http://127.0.0.1:<dashboard port>
@@ -17,17 +17,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict
 
-import numpy as np
 import ray
 from ray import serve
 
 from orchestrator.config import PipelineConfig, ServeConfig, to_config
-from orchestrator.registry import ModelRegistry, ModelVersion
+from orchestrator.registry import ModelRegistry, ModelVersion, parse_ref
 from serve.auth import api_key_for_deploy, keys_url
 from serve.config_file import NOT_ARGS, REQUIRED_ARGS
 from serve.controller import RolloutController
 from serve.ingress import V2Ingress
-from serve.replica import ModelServer
 from serve.weights import weights_ref
 
 
@@ -45,7 +43,7 @@ def build_app(cfg: PipelineConfig, ref: str) -> serve.Application:
             f"{version.model} v{version.version} is a {task} model; this build serves classification versions "
             "over the Open Inference Protocol, and has no HTTP endpoint for language models yet"
         )
-    return _bind(cfg, version, weights_ref(cfg.storage.root, version))
+    return _bind(cfg, version, weights_ref(cfg.storage.root, version, cfg.registry.encryption))
 
 
 def _bind(cfg: PipelineConfig, version: ModelVersion, ref: ray.ObjectRef) -> serve.Application:
@@ -54,29 +52,23 @@ def _bind(cfg: PipelineConfig, version: ModelVersion, ref: ray.ObjectRef) -> ser
     controller = RolloutController.options(  # type: ignore[attr-defined]
         health_check_period_s=s.health_check_period_s
     ).bind(
-        root=cfg.storage.root, default_ref=s.model_version, model=version.model, version=version.version,
-        weights={"ref": ref}, rollout=s.rollout,
+        # The alias (or number) alone: the controller applies it to every model it serves, and moves it on promotion.
+        root=cfg.storage.root, default_ref=parse_ref(s.model_version).selector, model=version.model,
+        version=version.version, weights={"ref": ref}, rollout=s.rollout, encryption=cfg.registry.encryption,
     )
-    # A replica never batches more requests than it may hold at once: leave room for a full batch.
-    per_replica = max(s.max_batch_size, int(np.ceil(s.target_ongoing_requests)))
-    model_server = ModelServer.options(  # type: ignore[attr-defined]
+    # One deployment parses, routes and runs the model. It admits more than its queue limit so that
+    # it, not the proxy, answers 503 + Retry-After when full.
+    replicas = V2Ingress.options(  # type: ignore[attr-defined]
         autoscaling_config={
             "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests, "downscale_delay_s": s.downscale_delay_s,
         },
-        max_ongoing_requests=per_replica, max_queued_requests=s.limits.max_pending_requests,
+        max_ongoing_requests=s.limits.max_pending_requests + 32,
         ray_actor_options={"num_cpus": s.replica_cpus}, health_check_period_s=s.health_check_period_s,
-    ).bind(
-        controller, batching=s.batching, max_batch_size=s.max_batch_size,
-        batch_wait_timeout_s=s.batch_wait_timeout_s, max_models=s.max_models_per_replica,
-    )
-    # The ingress admits more than its queue limit so that it, not the proxy, answers 503 + Retry-After.
-    ingress = V2Ingress.options(  # type: ignore[attr-defined]
-        num_replicas=s.ingress_replicas, max_ongoing_requests=s.limits.max_pending_requests + 32,
-        health_check_period_s=s.health_check_period_s,
+        logging_config={"enable_access_log": s.access_log, "log_level": "INFO" if s.access_log else "WARNING"},
     )
     keys = keys_url(cfg.storage.root, s.auth.keys_url) if s.auth.enabled else None
-    return ingress.bind(model_server, controller, serve_cfg=s, keys=keys, check_model_ready=s.min_replicas > 0)
+    return replicas.bind(controller, serve_cfg=s, keys=keys)
 
 
 def app_builder(args: Dict[str, Any]) -> serve.Application:

@@ -21,7 +21,7 @@ import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from orchestrator.client import API_KEY_ENV
 from orchestrator.config import PipelineConfig
@@ -56,8 +56,9 @@ def keys_url(root: str, configured: str = "") -> str:
 
 
 class KeyStore:
-    """The hashed key store at `url`. Writes replace the whole file atomically; two admins
-    creating keys at the same instant could lose one write, which `list` would show."""
+    """The hashed key store at `url`. Every change is a compare-and-swap of the whole file in a retry
+    loop (`storage.update_json`: a lock file locally, conditional writes on S3), so admins and
+    deployments creating or revoking keys at the same instant never lose each other's change."""
 
     def __init__(self, url: str):
         self.url = url
@@ -72,9 +73,8 @@ class KeyStore:
             raise ValueError("a key needs a name")
         key_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
         record = ApiKey(id=key_id, name=name, scopes=tuple(s for s in SCOPES if s in scopes), created_at=_now())
-        entries = self._entries()
-        entries[key_id] = {**asdict(record), "sha256": _digest(secret)}
-        self._write(entries)
+        entry = {**asdict(record), "sha256": _digest(secret)}
+        self._update(lambda entries: {**entries, key_id: entry})
         return f"{KEY_PREFIX}_{key_id}_{secret}", record
 
     def list(self) -> List[ApiKey]:
@@ -84,12 +84,15 @@ class KeyStore:
     def revoke(self, key_id: str) -> ApiKey:
         """Revoke key `key_id` (its id or the full key). Raises KeyError when there is no such key."""
         key_id = parse_key(key_id)[0] if key_id.startswith(f"{KEY_PREFIX}_") else key_id
-        entries = self._entries()
-        if key_id not in entries:
-            raise KeyError(f"no API key with id {key_id!r} in {self.url}")
-        entries[key_id]["revoked_at"] = entries[key_id]["revoked_at"] or _now()
-        self._write(entries)
-        return _record(entries[key_id])
+        revoked_at = _now()
+
+        def with_revoked(entries: Dict[str, dict]) -> Dict[str, dict]:
+            if key_id not in entries:
+                raise KeyError(f"no API key with id {key_id!r} in {self.url}")
+            entry = entries[key_id]
+            return {**entries, key_id: {**entry, "revoked_at": entry["revoked_at"] or revoked_at}}
+
+        return _record(self._update(with_revoked)[key_id])
 
     def has_active_keys(self) -> bool:
         return any(k.revoked_at is None for k in self.list())
@@ -103,8 +106,11 @@ class KeyStore:
             return {}
         return json.loads(storage.read_bytes(self.url))["keys"]
 
-    def _write(self, entries: Dict[str, dict]) -> None:
-        storage.write_bytes_atomic(self.url, json.dumps({"keys": entries}, indent=2).encode())
+    def _update(self, change: Callable[[Dict[str, dict]], Dict[str, dict]]) -> Dict[str, dict]:
+        """Apply `change` to the entries without losing a concurrent writer's; returns the entries written.
+        `change` may run more than once (on a fresh read each time), so it only computes."""
+        document = storage.update_json(self.url, lambda current: {"keys": change((current or {"keys": {}})["keys"])})
+        return document["keys"]
 
 
 def parse_key(key: str) -> Tuple[str, str]:

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import ray
 from ray import serve
 
+from orchestrator.config import EncryptionConfig
 from orchestrator.registry import ModelRegistry, ModelVersion, RegistryError
 from serve.calls import to_answer
 from serve.names import CONTROLLER_DEPLOYMENT, model_id
@@ -24,8 +25,8 @@ class RolloutController:
     the canary split, promotion, rollback (by request or by the policy), and the weights refs."""
 
     def __init__(self, *, root: str, default_ref: str, model: str, version: int, weights: Dict[str, ray.ObjectRef],
-                 rollout):
-        self._registry = ModelRegistry(root)
+                 rollout, encryption: Optional[EncryptionConfig] = None):
+        self._registry = ModelRegistry(root, encryption=encryption)
         self._root, self._default_ref = root, default_ref
         self._table = RouteTable(RollbackPolicy(rollout))
         self._versions: Dict[Tuple[str, int], ModelVersion] = {}
@@ -72,6 +73,18 @@ class RolloutController:
         mv = self._load(model, str(version))
         return {"ref": self._weights[(model, mv.version)], "manifest": mv.manifest}
 
+    def index(self) -> Dict[str, Any]:
+        """{"models": [{"name", "versions", "aliases", "serving"}]}: every registry model this app can serve."""
+        def listing():
+            with self._lock:
+                serving = {m: dataclasses.asdict(r) for m, r in self._table.routes.items()}
+            return {"models": [
+                {"name": m, "versions": [str(v) for v in self._registry.versions(m)],
+                 "aliases": {a: str(v) for a, v in self._registry.aliases(m).items()}, "serving": serving.get(m)}
+                for m in self._registry.models()
+            ]}
+        return to_answer(listing)
+
     def start(self, model: str, ref: str, percent: float) -> Dict[str, Any]:
         def act():
             version = self._load(model, ref).version
@@ -110,7 +123,7 @@ class RolloutController:
         with self._lock:
             if (model, number) not in self._versions:
                 version = self._registry.get(model, number)
-                self._weights[(model, number)] = weights_ref(self._root, version)
+                self._weights[(model, number)] = weights_ref(self._root, version, self._registry.encryption)
                 self._versions[(model, number)] = version
             return self._versions[(model, number)]
 

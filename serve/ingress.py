@@ -1,4 +1,9 @@
-"""The HTTP front of every registry model: KServe Open Inference Protocol v2 (REST) plus /admin.
+"""The serving replica: the HTTP front of every registry model (KServe Open Inference Protocol v2,
+REST, plus /admin), and the model itself.
+
+One hop: the replica that parses a request runs the model (an in-process cache of loaded versions,
+serve.models, built on the object-store weights, with adaptive batching). The rollout controller
+stays off the request path: each replica syncs its routing table in the background.
 
 API keys, validation against the manifest's signature, limits (body size, timeout, queue), routing
 by name, version, alias and canary split, metrics; bad input is a 4xx JSON error, never a 5xx.
@@ -8,26 +13,48 @@ by name, version, alias and canary split, metrics; bad input is a 4xx JSON error
 # (a string "Request" in a Serve class-based view is taken for a query parameter).
 import asyncio
 import logging
+import os
 import random
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-import ray
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from orchestrator.config import ServeConfig
 from serve.auth import Authenticator, KeyStore
-from serve.calls import READY_TIMEOUT_S, REPLICA_DEATH_RETRIES, awaited, from_answer, replica_died
+from serve.calls import READY_TIMEOUT_S, awaited, from_answer, within
 from serve.errors import EXCEPTION_HANDLERS, error_response
-from serve.metrics import IngressMetrics
+from serve.metrics import BatchMetrics, IngressMetrics
+from serve.models import LoadedModel, ModelCache
 from serve.names import INGRESS_DEPLOYMENT, model_id
-from serve.protocol import BadRequest, InferRequest, infer_response, parse_infer_request, parse_rollout_body
+from serve.protocol import (
+    BadRequest,
+    InferRequest,
+    encode_infer_response,
+    model_metadata,
+    parse_infer_request,
+    parse_rollout_body,
+    project_version,
+)
+from serve.protocol import server_metadata as metadata_of_server
 from serve.rollout import Route
+from serve.schemas import (
+    INFER_RESPONSES,
+    LiveResponse,
+    ModelListResponse,
+    ModelMetadataResponse,
+    ModelReadyResponse,
+    ReadyResponse,
+    RepositoryIndex,
+    ServerMetadataResponse,
+    bearer_openapi,
+    infer_openapi_extra,
+)
 
 # The ingress methods use imported names only (and `log`), never a helper of this module:
 # @serve.ingress copies the class and `api` when it decorates the class, with the module's globals
@@ -36,9 +63,19 @@ from serve.rollout import Route
 log = logging.getLogger(__name__)
 
 
+OPEN_PATHS = ("/v2", "/v2/health/live", "/v2/health/ready")
+"""Routes that need no API key (health probes and server metadata)."""
+
+
 def build_api() -> FastAPI:
-    """A FastAPI app with the app's error handlers, for the ingress class to add its routes to."""
-    return FastAPI(title="orchestrator: Open Inference Protocol v2", exception_handlers=EXCEPTION_HANDLERS)
+    """A FastAPI app with the app's error handlers and its OpenAPI document (Bearer keys), for the
+    ingress class to add its routes to."""
+    app = FastAPI(title="orchestrator: Open Inference Protocol v2", version=project_version(),
+                  description="KServe Open Inference Protocol v2 (REST, with the binary tensor data extension) "
+                              "for every registry model, and /admin for rollouts.",
+                  exception_handlers=EXCEPTION_HANDLERS)
+    app.openapi = bearer_openapi(app, OPEN_PATHS)  # type: ignore[method-assign]
+    return app
 
 
 api = build_api()
@@ -50,68 +87,92 @@ api = build_api()
 class V2Ingress:
     """HTTP front of every registry model: KServe Open Inference Protocol v2 (REST) plus /admin."""
 
-    def __init__(self, model_server: DeploymentHandle, controller: DeploymentHandle, *, serve_cfg: ServeConfig,
-                 keys: Optional[str], check_model_ready: bool):
-        self._model_server, self._controller = model_server, controller
+    def __init__(self, controller: DeploymentHandle, *, serve_cfg: ServeConfig, keys: Optional[str]):
+        torch.set_num_threads(1)  # replicas share the node's cores; intra-op threads would fight
+        self._controller = controller
         self._cfg = serve_cfg
         self._auth = Authenticator(KeyStore(keys), serve_cfg.auth.cache_ttl_s) if keys else None
-        self._check_model_ready = check_model_ready
         self._routes: Dict[str, Route] = {}
         self._signatures: Dict[str, Dict[str, Any]] = {}
         self._aliases: Dict[Tuple[str, str], Tuple[int, float]] = {}
-        self._handles: Dict[str, DeploymentHandle] = {}
         self._outcomes: List[Tuple[str, int, bool, float]] = []
         self._pending = 0
         self._metrics = IngressMetrics()
+        batch_metrics = BatchMetrics()
+        self._models = ModelCache(
+            self._weights_of, max_models=serve_cfg.max_models_per_replica,
+            max_batch_size=serve_cfg.max_batch_size if serve_cfg.batching else 1, on_batch=batch_metrics.record,
+        )
+        self._index: Tuple[float, List[Dict[str, Any]]] = (0.0, [])
         self._sync_task: Optional[asyncio.Task] = None
 
     # -- open routes ---------------------------------------------------------------------------
 
-    @api.get("/v2")
+    @api.get("/v2", response_model=ServerMetadataResponse)
     async def server_metadata(self) -> Dict[str, Any]:
-        return {"name": "orchestrator", "version": ray.__version__, "extensions": []}
+        return metadata_of_server(project_version())
 
-    @api.get("/v2/health/live")
+    @api.get("/v2/health/live", response_model=LiveResponse)
     async def live(self) -> Dict[str, Any]:
         return {"live": True}
 
-    @api.get("/v2/health/ready")
+    @api.get("/v2/health/ready", response_model=ReadyResponse)
     async def ready(self) -> JSONResponse:
         return await self._readiness({"ready": True})
 
     # -- model routes (scope "infer") ----------------------------------------------------------
 
-    @api.get("/v2/models/{name}")
+    @api.get("/v2/models", response_model=ModelListResponse)
+    async def model_list(self, request: Request) -> Dict[str, Any]:
+        """The registry models this server can serve, by name."""
+        self._authorize(request, "infer")
+        return {"models": [m["name"] for m in await self._model_index()]}
+
+    @api.post("/v2/repository/index", response_model=RepositoryIndex)
+    async def repository_index(self, request: Request) -> List[Dict[str, Any]]:
+        """Every version of every registry model (the model repository extension's index): READY, as
+        any of them is served on demand; the reason says which ones take unversioned traffic."""
+        self._authorize(request, "infer")
+        return [
+            {"name": m["name"], "version": v, "state": "READY",
+             "reason": "routed" if m["serving"] and int(v) in (m["serving"]["stable"], m["serving"]["candidate"])
+             else "served on demand"}
+            for m in await self._model_index() for v in m["versions"]
+        ]
+
+    @api.get("/v2/models/{name}", response_model=ModelMetadataResponse)
     async def model_metadata(self, name: str, request: Request) -> Dict[str, Any]:
         self._authorize(request, "infer")
         route = await self._route(name)
         versions = [route.stable] + ([route.candidate] if route.candidate is not None else [])
-        return self._metadata(name, versions, self._signatures[model_id(name, route.stable)])
+        return model_metadata(name, versions, self._signatures[model_id(name, route.stable)])
 
-    @api.get("/v2/models/{name}/versions/{version}")
+    @api.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataResponse)
     async def version_metadata(self, name: str, version: str, request: Request) -> Dict[str, Any]:
         self._authorize(request, "infer")
         number, signature = await self._resolve(name, version)
-        return self._metadata(name, [number], signature)
+        return model_metadata(name, [number], signature)
 
-    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/ready", response_model=ModelReadyResponse)
     async def model_ready(self, name: str, request: Request) -> JSONResponse:
         self._authorize(request, "infer")
         await self._route(name)
         return await self._readiness({"name": name, "ready": True})
 
-    @api.get("/v2/models/{name}/versions/{version}/ready")
+    @api.get("/v2/models/{name}/versions/{version}/ready", response_model=ModelReadyResponse)
     async def version_ready(self, name: str, version: str, request: Request) -> JSONResponse:
         self._authorize(request, "infer")
         await self._resolve(name, version)
         return await self._readiness({"name": name, "version": version, "ready": True})
 
-    @api.post("/v2/models/{name}/infer")
-    async def infer(self, name: str, request: Request) -> JSONResponse:
+    @api.post("/v2/models/{name}/infer", response_class=Response, responses=INFER_RESPONSES,
+              openapi_extra=infer_openapi_extra())
+    async def infer(self, name: str, request: Request) -> Response:
         return await self._infer(name, None, request)
 
-    @api.post("/v2/models/{name}/versions/{version}/infer")
-    async def version_infer(self, name: str, version: str, request: Request) -> JSONResponse:
+    @api.post("/v2/models/{name}/versions/{version}/infer", response_class=Response, responses=INFER_RESPONSES,
+              openapi_extra=infer_openapi_extra())
+    async def version_infer(self, name: str, version: str, request: Request) -> Response:
         return await self._infer(name, version, request)
 
     # -- admin routes (scope "admin") ----------------------------------------------------------
@@ -147,36 +208,37 @@ class V2Ingress:
         if self._auth is not None:
             self._auth.check(request.headers.get("authorization"), scope)
 
-    def _metadata(self, name: str, versions: List[int], signature: Dict[str, Any]) -> Dict[str, Any]:
-        return {"name": name, "versions": [str(v) for v in versions], "platform": "pytorch",
-                "inputs": signature["inputs"], "outputs": signature["outputs"]}
-
     async def _readiness(self, body: Dict[str, Any]) -> JSONResponse:
-        # With min_replicas=0 a probe must not wake the model replicas: the controller answers alone.
-        calls = [self._controller.snapshot.remote()]
-        if self._check_model_ready:
-            calls.append(self._model_server.is_ready.remote())
+        # Ready when the routing table can be had: this replica is answering, so the model can run.
         try:
-            for call in calls:
-                await asyncio.wait_for(awaited(call), READY_TIMEOUT_S)
+            await asyncio.wait_for(awaited(self._controller.snapshot.remote()), READY_TIMEOUT_S)
         except Exception as err:  # any failure to answer, whatever its kind, means not ready
             return JSONResponse({"error": f"not ready: {type(err).__name__}: {err}"}, status_code=503)
         return JSONResponse(body)
 
-    async def _infer(self, name: str, version: Optional[str], request: Request) -> JSONResponse:
+    async def _model_index(self) -> List[Dict[str, Any]]:
+        # The registry's models change rarely: one controller call per sync interval at most.
+        expires, index = self._index
+        if time.monotonic() > expires:
+            index = from_answer(await self._controller.index.remote())["models"]
+            self._index = (time.monotonic() + self._cfg.rollout.sync_interval_s, index)
+        return index
+
+    async def _infer(self, name: str, version: Optional[str], request: Request) -> Response:
         started = time.perf_counter()
         served: Optional[int] = None
         status = 500
         try:
             self._authorize(request, "infer")
             served, signature = await (self._pick(name) if version is None else self._resolve(name, version))
-            body = await self._run_limited(name, served, signature, request)
+            body, headers = await self._run_limited(name, served, signature, request)
             status = 200
-            return JSONResponse(body, headers=self._served_headers(name, served))
+            return Response(body, headers={**headers, **self._served_headers(name, served)})
         except BadRequest as err:
             status = err.status
             return error_response(err, self._served_headers(name, served))
         except Exception as err:  # the model failed: a server fault, counted against its version
+            log.exception("infer failed for %s v%s", name, served)
             return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}"}, status_code=500,
                                 headers=self._served_headers(name, served))
         finally:
@@ -195,7 +257,7 @@ class V2Ingress:
 
     async def _run_limited(
         self, name: str, version: int, signature: Dict[str, Any], request: Request,
-    ) -> Dict[str, Any]:
+    ) -> Tuple[bytes, Dict[str, str]]:
         limits = self._cfg.limits
         if self._pending >= limits.max_pending_requests:
             raise BadRequest(503,
@@ -204,10 +266,11 @@ class V2Ingress:
         self._pending += 1
         try:
             parsed = await self._parse(request, signature)
-            result = await self._predict(name, version, parsed.rows)
+            outputs = await self._predict(name, version, parsed)
         finally:
             self._pending -= 1
-        return infer_response(model=name, version=version, request_id=parsed.request_id, result=result)
+        return encode_infer_response(model=name, version=version, request=parsed, outputs=outputs,
+                                     signature=signature)
 
     async def _parse(self, request: Request, signature: Dict[str, Any]) -> InferRequest:
         limits = self._cfg.limits
@@ -216,43 +279,25 @@ class V2Ingress:
             raise BadRequest(413, f"body of {declared} bytes is larger than "
                                   f"serve.limits.max_body_bytes={limits.max_body_bytes}")
         return parse_infer_request(
-            await request.body(), signature["input_shape"], self._cfg.max_rows_per_request,
-            datatype=signature["inputs"][0]["datatype"], allow_non_finite=limits.allow_non_finite,
+            await request.body(), signature, header_length=request.headers.get("inference-header-content-length"),
+            max_rows=self._cfg.max_rows_per_request, allow_non_finite=limits.allow_non_finite,
             max_body_bytes=limits.max_body_bytes,
         )
 
-    async def _predict(self, name: str, version: int, rows: np.ndarray) -> Dict[str, np.ndarray]:
-        """The model's outputs for `rows`. Sent again, at most REPLICA_DEATH_RETRIES times, when the
-        replica holding it died; all tries share one serve.limits.request_timeout_s (504 past it)."""
-        deadline = time.monotonic() + self._cfg.limits.request_timeout_s
-        for _ in range(REPLICA_DEATH_RETRIES):
-            try:
-                return await self._predict_once(name, version, rows, deadline)
-            except Exception as err:
-                # Inference is idempotent, so a request lost with its replica is sent again (Serve's
-                # router has already dropped that replica); any other failure is the answer.
-                if not replica_died(err):
-                    raise
-                self._metrics.record_retry(name, version)
-                log.warning("model replica died under a request for %s v%d (%s); sending it again",
-                            name, version, type(err).__name__)
-        return await self._predict_once(name, version, rows, deadline)
-
-    async def _predict_once(self, name: str, version: int, rows: np.ndarray, deadline: float) -> Dict[str, np.ndarray]:
-        mid = model_id(name, version)
-        if mid not in self._handles:
-            self._handles[mid] = self._model_server.options(multiplexed_model_id=mid)
-        response = self._handles[mid].predict.remote(rows)
+    async def _predict(self, name: str, version: int, parsed: InferRequest) -> Dict[str, np.ndarray]:
+        """The model's outputs for the request, run here; 504 past serve.limits.request_timeout_s."""
+        timeout = self._cfg.limits.request_timeout_s
         try:
-            return await asyncio.wait_for(awaited(response), deadline - time.monotonic())
+            return await within(timeout, self._run_model(name, version, parsed))
         except asyncio.TimeoutError:
-            response.cancel()
-            timeout = self._cfg.limits.request_timeout_s
             raise BadRequest(504, f"model {name!r} version {version} did not answer within {timeout} s") from None
-        except BackPressureError:
-            retry = self._cfg.limits.retry_after_s
-            raise BadRequest(503, f"the model replicas are full; retry in {retry} s",
-                             headers={"Retry-After": str(retry)}) from None
+
+    async def _run_model(self, name: str, version: int, parsed: InferRequest) -> Dict[str, np.ndarray]:
+        loaded = await self._models.get(name, version)
+        return await loaded.batcher.submit(parsed.inputs)
+
+    async def _weights_of(self, name: str, version: int) -> Dict[str, Any]:
+        return await self._controller.weights.remote(name, version)
 
     async def _pick(self, name: str) -> Tuple[int, Dict[str, Any]]:
         version = (await self._route(name)).pick(random.random())
@@ -297,3 +342,15 @@ class V2Ingress:
             except Exception as err:  # keep serving on the last table; the next round retries
                 log.warning("routing sync failed: %s: %s", type(err).__name__, err)
             await asyncio.sleep(self._cfg.rollout.sync_interval_s)
+
+    # -- handle calls (not HTTP routes) -------------------------------------------------------
+
+    async def weights_info(self, name: str, version: int, hold_s: float = 0.0) -> Dict[str, Any]:
+        """Which object-store copy this replica runs `name` v`version` on, to show sharing.
+        `hold_s` keeps the call in flight, so a burst of calls fills a replica and reaches the others."""
+        loaded: LoadedModel = await self._models.get(name, version)
+        await asyncio.sleep(hold_s)
+        first = next(iter(loaded.arrays.values()))
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {"object_ref": loaded.ref_hex, "writeable": bool(first.flags.writeable), "version": loaded.version,
+                "replica": replica, "pid": os.getpid()}

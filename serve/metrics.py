@@ -15,8 +15,7 @@ BATCH_BOUNDARIES: List[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class IngressMetrics:
-    """Requests, errors by status and latency of infer requests, tagged model/version/status, and
-    requests sent again after their model replica died."""
+    """Requests, errors by status and latency of infer requests, tagged model/version/status."""
 
     def __init__(self):
         from ray.serve import metrics
@@ -32,13 +31,8 @@ class IngressMetrics:
         )
         self.latency = metrics.Histogram(
             "orchestrator_request_latency_ms",
-            description="Infer latency inside the ingress (ms), by model and version.",
+            description="Infer latency inside the serving replica (ms), by model and version.",
             boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model", "version"),  # type: ignore[arg-type]
-        )
-        self.retries = metrics.Counter(
-            "orchestrator_request_retries",
-            description="Infer requests sent again because their model replica died, by model and version.",
-            tag_keys=("model", "version"),  # type: ignore[arg-type]
         )
 
     def record(self, model: str, version: Optional[int], status: int, latency_ms: float) -> None:
@@ -47,9 +41,6 @@ class IngressMetrics:
         if status >= 400:
             self.errors.inc(tags={**tags, "status": str(status)})
         self.latency.observe(latency_ms, tags=tags)
-
-    def record_retry(self, model: str, version: int) -> None:
-        self.retries.inc(tags={"model": model, "version": str(version)})
 
 
 class BatchMetrics:

@@ -19,11 +19,16 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
 HEAD = "head"
 """Name of the model's own head in a phase's `trainable` and `output`."""
 SAMPLERS = ("uniform", "loguniform", "choice", "randint", "grid")
+S3_SSE_MODES = ("", "AES256", "aws:kms", "aws:kms:dsse")
+"""Values of `storage.s3_sse` (S3's ServerSideEncryption header; '' sends none)."""
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 TASK_METRICS: Dict[str, Tuple[str, ...]] = {
     "classification": ("loss", "accuracy"),
     "causal_lm": ("loss", "perplexity", "bits_per_byte", "tokens"),
 }
 """Metrics each task reports per epoch on the val split (as 'val_<name>'), beside 'train_loss'."""
+TASK_HEADLINE: Dict[str, Tuple[str, ...]] = {"classification": ("accuracy",), "causal_lm": ("loss", "bits_per_byte")}
+"""Metrics of TASK_METRICS that summaries show for each evaluated split (`Task.headline`, readable without torch)."""
 
 
 class Choice(str, Enum):
@@ -112,6 +117,17 @@ class TrackingMode(Choice):
     disabled = "disabled"
 
 
+class TrackingBackend(Choice):
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
+class PromoteMode(Choice):
+    better = "better"
+    always = "always"
+    never = "never"
+
+
 class QuantBackend(Choice):
     x86 = "x86"
     fbgemm = "fbgemm"
@@ -193,7 +209,8 @@ class DataConfig:
     context: int = 128
     """text: tokens per training block (the model sees `context` tokens and predicts the next of each)."""
     test_fraction: float = 0.1
-    """text: fraction of documents held out for the test split (deterministic, by file)."""
+    """Fraction held out for the test split: tabular rows (seeded, stratified by label) or text documents
+    (by file). Promotion and the compression gate compare on it; nothing selects on it."""
     feature_columns: List[str] = field(default_factory=list)
     """Parquet columns holding features; empty means every column except `label_column`.
     A single list-typed column is also accepted."""
@@ -203,9 +220,10 @@ class DataConfig:
     """Shape of one sample as the model sees it (e.g. [1, 8, 8]); empty means the source's own:
     [1, 8, 8] for digits, flat features otherwise."""
     val_fraction: float = 0.2
-    """Fraction of rows held out for validation (deterministic split)."""
+    """Fraction of rows (tabular) or documents (text) held out for validation: what selects the best epoch,
+    trial and fine-tune epoch (deterministic split)."""
     split_seed: int = 0
-    """Seed of the train/val split."""
+    """Seed of the train/val/test split."""
     synthetic_samples: int = 2000
     """Rows generated when source='synthetic'."""
     synthetic_features: int = 32
@@ -569,14 +587,16 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """Address the HTTP proxy binds (keep loopback unless the network is trusted)."""
     port: int = 8000
-    """HTTP port of the Serve proxy."""
+    """HTTP port of the proxy in front of the replicas (HAProxy, or Serve's own proxy)."""
     app_name: str = "orchestrator"
     """Ray Serve application name."""
     model_version: str = "production"
-    """Registry version number or alias to deploy (jobs.deploy); other models are served at this
+    """Registry version number or alias to deploy (jobs.deploy), or a reference to one of
+    registry.model_name ("models:/digits@production", "digits:3"); other models are served at this
     alias, or at their latest version when they lack it."""
     min_replicas: int = 1
-    """Autoscaling lower bound of the model replicas (0: scale to zero when idle)."""
+    """Autoscaling lower bound of the serving replicas, each of which parses requests and runs
+    the models (0: scale to zero when idle)."""
     max_replicas: int = 2
     """Autoscaling upper bound."""
     target_ongoing_requests: float = 4.0
@@ -585,21 +605,19 @@ class ServeConfig:
     """Seconds of low load before a replica is removed (with min_replicas=0: before the model
     scales to zero)."""
     replica_cpus: float = 0.25
-    """Logical CPUs each model replica reserves."""
-    ingress_replicas: int = 1
-    """Replicas of the HTTP front (V2Ingress); with 2 or more, a dead one is routed around while
-    Serve replaces it."""
+    """Logical CPUs each serving replica reserves."""
     health_check_period_s: float = 2.0
     """Seconds between Serve's health checks of each replica: a replica that died is replaced
     about this soon after (Serve's own default is 10)."""
     batching: bool = True
-    """Merge concurrent requests into one forward pass (`@serve.batch`)."""
+    """Merge requests that arrive while a forward pass runs into the next one (serve.batching: a
+    request that finds the model idle runs at once, nothing waits on a timer)."""
     max_batch_size: int = 32
-    """Requests merged into one forward pass by dynamic batching."""
-    batch_wait_timeout_s: float = 0.005
-    """How long a batch waits to fill."""
+    """Requests merged into one forward pass at most."""
     max_models_per_replica: int = 4
-    """Model versions one replica keeps loaded (`serve.multiplexed`, least recently used leaves first)."""
+    """Model versions one replica keeps loaded (least recently used leaves first)."""
+    access_log: bool = False
+    """Log every request in the replicas (Serve's access log; off: it costs latency on every request)."""
     max_rows_per_request: int = 1024
     """Rows one infer request may carry (more is answered 413)."""
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -623,11 +641,9 @@ class ServeConfig:
         require(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
         require(self.downscale_delay_s >= 0, "serve.downscale_delay_s", "must be >= 0")
         require(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
-        require(self.ingress_replicas >= 1, "serve.ingress_replicas", f"must be >= 1, got {self.ingress_replicas}")
         require(self.health_check_period_s > 0, "serve.health_check_period_s",
                 f"must be > 0, got {self.health_check_period_s}")
         require(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
-        require(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
         require(self.max_models_per_replica >= 1, "serve.max_models_per_replica", "must be >= 1")
         require(self.max_rows_per_request >= 1, "serve.max_rows_per_request", "must be >= 1")
 
@@ -637,9 +653,18 @@ class StorageConfig:
     root: str = "file://./runs"
     """fsspec URL holding datasets, Train/Tune results, the registry and reports
     (file://, s3://, gs://, memory:// for driver-only tests)."""
+    s3_sse: str = ""
+    """s3:// roots: server-side encryption of every object this process writes: '' (the bucket's default),
+    'AES256' (S3-managed keys), 'aws:kms' or 'aws:kms:dsse' (KMS keys). Ignored on other roots."""
+    s3_sse_kms_key_id: str = ""
+    """s3_sse=aws:kms[:dsse]: the KMS key (id, ARN or alias); empty uses the account's default S3 KMS key."""
 
     def __post_init__(self) -> None:
         require(bool(self.root), "storage.root", "must not be empty")
+        require(self.s3_sse in S3_SSE_MODES, "storage.s3_sse",
+                f"must be one of {list(S3_SSE_MODES)}, got {self.s3_sse!r}")
+        require(not self.s3_sse_kms_key_id or self.s3_sse.startswith("aws:kms"), "storage.s3_sse_kms_key_id",
+                f"needs storage.s3_sse=aws:kms or aws:kms:dsse, got s3_sse={self.s3_sse!r}")
         if self.root.startswith("file://") or "://" not in self.root:
             # Resolve relative paths once, at the driver, so every worker sees the same place.
             path = self.root.removeprefix("file://")
@@ -649,16 +674,49 @@ class StorageConfig:
 @dataclass(kw_only=True)
 class TrackingConfig:
     enabled: bool = True
-    """Log each trial (rank 0 only) to Weights & Biases."""
+    """Log each trial (rank 0 only) to the tracking backend."""
+    backend: TrackingBackend = TrackingBackend.wandb
+    """'wandb' (Weights & Biases) or 'mlflow' (one MLflow run per trial, tagged with its registry version)."""
     project: str = "orchestrator"
-    """wandb project."""
+    """wandb project, or MLflow experiment name."""
     mode: TrackingMode = TrackingMode.offline
     """wandb mode: 'offline' (sync later with `wandb sync`), 'online' or 'disabled'."""
     dir: Optional[str] = None
     """Local directory for wandb files; default <storage root>/wandb for a local root, else ./wandb."""
+    uri: Optional[str] = None
+    """MLflow tracking URI (a server 'http(s)://...', 'sqlite:////abs/path.db', 'databricks'); default a
+    sqlite store at <storage root>/mlflow/mlflow.db (local roots only: set it for an s3:// root)."""
 
     def __post_init__(self) -> None:
         self.mode = _choice(self.mode, "tracking.mode", TrackingMode)
+        self.backend = _choice(self.backend, "tracking.backend", TrackingBackend)
+        require(self.uri is None or bool(self.uri.strip()), "tracking.uri", "must not be empty (leave it unset)")
+        if self.uri and self.uri.startswith("sqlite:///") and not self.uri.startswith("sqlite:////"):
+            # A relative database path would resolve in each Ray worker's own directory: resolve it once, here.
+            self.uri = "sqlite:///" + os.path.abspath(os.path.expanduser(self.uri.removeprefix("sqlite:///")))
+
+
+@dataclass(kw_only=True)
+class EncryptionConfig:
+    enabled: bool = False
+    """Encrypt the weights of every new version before it is written (AES-256-GCM under a data key per
+    version, wrapped by the master key; see orchestrator.registry.crypto). Versions already encrypted are
+    read with the master key below whatever this says."""
+    key_env: str = "ORCHESTRATOR_MASTER_KEY"
+    """Environment variable holding the master key (base64 of 32 bytes), read where and when weights are
+    written or loaded (the driver, the Serve weights holder)."""
+    key_file: str = ""
+    """File holding the master key (base64 of 32 bytes); when set it is used instead of `key_env`.
+    Must exist at this path wherever weights are written or loaded."""
+
+    def __post_init__(self) -> None:
+        require(self.key_env == "" or _ENV_NAME.fullmatch(self.key_env) is not None, "registry.encryption.key_env",
+                f"must be an environment variable name (letters, digits, '_'), got {self.key_env!r}")
+        require(bool(self.key_env or self.key_file), "registry.encryption.key_env",
+                "must not be empty unless registry.encryption.key_file names the master key file")
+        if self.key_file:
+            # Resolved once, at the driver, so every process reading it sees the same file.
+            self.key_file = os.path.abspath(os.path.expanduser(self.key_file))
 
 
 @dataclass(kw_only=True)
@@ -666,9 +724,21 @@ class RegistryConfig:
     model_name: str = "digits"
     """Registry model that training and sweeps add versions to."""
     promote_alias: str = "production"
-    """Alias pointed at each new version; empty leaves aliases alone."""
+    """Alias a new version takes when `promote` decides so (others get 'candidate'); empty leaves aliases alone."""
+    promote: PromoteMode = PromoteMode.better
+    """When a new version takes `promote_alias`: 'better' (it beats the aliased version on the same test
+    data by more than `promote_margin`, or nothing holds the alias yet), 'always' or 'never'."""
+    promote_margin: float = 0.0
+    """How much better than the aliased version a new one must be, in the units of the task's test
+    metric (classification: test accuracy, 0.01 = one point; causal_lm: test loss in nats per token)."""
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    """Weights encrypted at rest, and where the master key comes from."""
 
     def __post_init__(self) -> None:
+        self.promote = _choice(self.promote, "registry.promote", PromoteMode)
+        require(self.promote_margin >= 0.0, "registry.promote_margin", f"must be >= 0, got {self.promote_margin}")
+        require(self.promote_alias != "candidate", "registry.promote_alias",
+                "must not be 'candidate' (the alias of versions that are not promoted)")
         require(is_identifier(self.model_name), "registry.model_name",
                 f"must be letters, digits, '-', '_' or '.', got {self.model_name!r}")
         require(self.promote_alias == "" or is_identifier(self.promote_alias), "registry.promote_alias",
@@ -740,10 +810,10 @@ class OptimizeConfig:
     """Compressed variants to make, each gated on accuracy: int8_dynamic, int8_static, prune_unstructured,
     prune_structured, distill. Empty skips the step."""
     source: str = "production"
-    """jobs.optimize: registry version number or alias to compress (the pipeline uses the version it just
-    registered)."""
+    """jobs.optimize: registry version number, alias or reference ("digits:3") to compress (the pipeline
+    uses the version it just registered)."""
     tolerance: float = 0.01
-    """Largest val accuracy drop against the parent (absolute: 0.01 is one point) a variant may show and be
+    """Largest test accuracy drop against the parent (absolute: 0.01 is one point) a variant may show and be
     registered."""
     set_aliases: bool = True
     """Point the alias '<method>' (e.g. int8_dynamic) at each registered variant, so it deploys by alias."""
@@ -873,6 +943,10 @@ class PipelineConfig:
     resume: bool = False
     """Continue the newest unfinished training run or sweep of `run_name` under the storage root
     (after its driver or the Ray head was lost) instead of starting a new one."""
+    verbose: bool = False
+    """Show Ray's own output too: every worker's and Serve replica's logs on the driver, Ray's INFO logs,
+    Tune's trial table, Ray Data's progress bars and deprecation warnings. Off, a job prints its own
+    progress (a line per trial-epoch, one per finished trial, data preparation), warnings and errors."""
 
     def __post_init__(self) -> None:
         require(is_identifier(self.run_name), "run_name",

@@ -25,6 +25,7 @@ from orchestrator.config.schema import (
     ScheduleConfig,
     ScheduleKind,
     TaskKind,
+    TrackingBackend,
     iter_search_space,
     require,
 )
@@ -38,6 +39,8 @@ def validate(cfg: PipelineConfig) -> None:
     if stages:  # a user model's stages are checked when it is built
         check_schedule(cfg.schedule, stages, epochs=cfg.train.epochs)
     check_search_space(cfg)
+    check_version_refs(cfg)
+    check_tracking(cfg)
 
 
 def check_task(cfg: PipelineConfig) -> None:
@@ -64,6 +67,16 @@ def check_task(cfg: PipelineConfig) -> None:
             f"got {cfg.tune.metric!r}")
 
 
+def check_tracking(cfg: PipelineConfig) -> None:
+    """MLflow's default store (a sqlite file under the storage root) needs a local root."""
+    tracking = cfg.tracking
+    if tracking.enabled and tracking.backend == TrackingBackend.mlflow and not tracking.uri:
+        # sqlite cannot live on S3, and a file on a worker's own disk is out of the driver's reach.
+        require(cfg.storage.root.startswith("file://"), "tracking.uri",
+                f"must be set for tracking.backend=mlflow with storage.root={cfg.storage.root!r}: the default "
+                "store is a sqlite file under a local root (give a server http(s)://... or sqlite:////shared/path.db)")
+
+
 def check_parallel_plan(cfg: PipelineConfig) -> None:
     """The pipeline plan's micro-batches against train.batch_size and scaling.num_workers."""
     parallel = cfg.parallel
@@ -74,6 +87,21 @@ def check_parallel_plan(cfg: PipelineConfig) -> None:
     if parallel.pipeline_schedule == PipelineSchedule("1f1b"):  # torch's 1F1B needs a micro-batch per stage in flight
         require(parallel.microbatches >= cfg.scaling.num_workers, "parallel.microbatches",
                 f"must be >= scaling.num_workers ({cfg.scaling.num_workers}) for 1f1b, got {parallel.microbatches}")
+
+
+def check_version_refs(cfg: PipelineConfig) -> None:
+    """Versions the jobs name (serve.model_version, optimize.source) as references that parse and, when they
+    name a model, name registry.model_name: the model every job of this config works on."""
+    from orchestrator.registry.refs import parse_ref  # here: the registry package imports this one
+
+    for name, ref in (("serve.model_version", cfg.serve.model_version), ("optimize.source", cfg.optimize.source)):
+        try:
+            model = parse_ref(ref).model
+        except ValueError as err:
+            raise ValueError(f"{name} {err}") from None
+        require(model in (None, cfg.registry.model_name), name,
+                f"names model {model!r}, but registry.model_name is {cfg.registry.model_name!r} "
+                f"(set registry.model_name={model} or name a version of {cfg.registry.model_name!r})")
 
 
 def check_search_space(cfg: PipelineConfig) -> None:

@@ -21,6 +21,7 @@ import jsonschema
 import yaml
 
 from orchestrator.config import EXPORT_KINDS, PipelineConfig, require
+from orchestrator.runtime import SERVE_ENV
 from serve.config_file import serve_config
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,11 @@ def _pod_template(cfg: PipelineConfig, role: str) -> Dict[str, Any]:
         # Serve runs a proxy on every node; KubeRay's serve Service targets the port named "serve".
         "ports": ports + [{"name": "serve", "containerPort": cfg.serve.port}],
     }
+    # Serve reads its fast-path switches (HAProxy, direct ingress) when each node's Ray starts.
+    container["env"] = [{"name": name, "value": value} for name, value in SERVE_ENV.items()]
     if not ex.token_auth:
         # Said outright: Ray 2.60's `ray start` turns token auth on by itself wherever a token file exists.
-        container["env"] = [{"name": "RAY_AUTH_MODE", "value": "disabled"}]
+        container["env"].append({"name": "RAY_AUTH_MODE", "value": "disabled"})
     if ex.env_secret:
         container["envFrom"] = [{"secretRef": {"name": ex.env_secret}}]
     return {"spec": {"containers": [container]}}

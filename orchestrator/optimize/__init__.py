@@ -1,7 +1,7 @@
 """Compression as a gated stage: int8 quantization, L1 pruning and knowledge distillation.
 
 `run_optimize(cfg, ref)` makes the variants named in `cfg.optimize.methods` from a registry version,
-evaluates each on the val split through the same code path that serves it
+evaluates each on the test split through the same code path that serves it
 (`orchestrator.registry.servable.build_servable`), registers it as a variant of its parent only when its
 accuracy drop is within `cfg.optimize.tolerance`, and writes a report (Markdown and CSV) under
 `<storage root>/reports/optimize/`.

@@ -1,4 +1,8 @@
-"""The accuracy gate: a variant is registered only if it keeps its parent's val accuracy within tolerance."""
+"""The accuracy gate: a variant is registered only if it keeps its parent's test accuracy within tolerance.
+
+The gate compares on the test split: held-out rows that chose nothing (val picked the parent's best epoch
+and a fine-tune's best epoch), so the drop it reports is not flattered by selection.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ class GateDecision:
         return self.parent_accuracy - self.accuracy
 
     def message(self, name: str) -> str:
-        summary = (f"{name}: val accuracy {self.accuracy:.4f} against the parent's {self.parent_accuracy:.4f} "
+        summary = (f"{name}: test accuracy {self.accuracy:.4f} against the parent's {self.parent_accuracy:.4f} "
                    f"(drop {100 * self.drop:+.2f} points, tolerance {100 * self.tolerance:.2f})")
         if self.accepted:
             return f"{summary}: within tolerance, registered"
@@ -37,7 +41,7 @@ class GateDecision:
 
 
 class AccuracyGate:
-    """Accepts a variant whose val accuracy is at most `tolerance` below its parent's."""
+    """Accepts a variant whose test accuracy is at most `tolerance` below its parent's."""
 
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
@@ -62,5 +66,5 @@ def predict_labels(
 def accuracy(
     manifest: Dict[str, Any], arrays: Dict[str, np.ndarray], features: np.ndarray, labels: np.ndarray
 ) -> float:
-    """Val accuracy of the model of `manifest` on `arrays`, through the serving code path."""
+    """Accuracy of the model of `manifest` on `arrays` over (`features`, `labels`), through the serving code path."""
     return float((predict_labels(manifest, arrays, features) == labels).mean())

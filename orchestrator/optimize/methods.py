@@ -98,7 +98,8 @@ class Int8Quantization(CompressionMethod):
 
 
 def calibration_rows(info: DatasetInfo, count: int, seed: int) -> np.ndarray:
-    """Up to `count` training rows, drawn without replacement (never val rows: the gate measures on those)."""
+    """Up to `count` training rows, drawn without replacement (never val or test rows: selection and the gate
+    measure on those)."""
     features, _ = load_split(info, "train")
     pick = np.random.default_rng(seed).permutation(len(features))[:count]
     return features[np.sort(pick)]

@@ -1,4 +1,4 @@
-"""The optimize report: size on disk, parameters, non-zero parameters, val accuracy and CPU latency
+"""The optimize report: size on disk, parameters, non-zero parameters, test accuracy and CPU latency
 of the parent and of every variant, as Markdown and CSV under the storage root."""
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ class VariantReport:
     """Weights and biases (quantization scales and zero points not counted)."""
     nonzero: int
     """Parameters that are not zero."""
-    val_accuracy: float
+    test_accuracy: float
+    """Accuracy on the test split (what the gate compares)."""
     accuracy_drop: float
-    """Parent's val accuracy minus this one's (points are 100x)."""
+    """Parent's test accuracy minus this one's (points are 100x)."""
     latency_ms_b1: float
     """Median CPU forward time at batch 1, one thread (as a serving replica runs)."""
     latency_ms_b32: float
@@ -76,13 +77,13 @@ def median_latency_ms(forward, rows: np.ndarray, repeats: int) -> float:
 
 
 def latency_rows(features: np.ndarray, batch: int) -> np.ndarray:
-    """`batch` val rows (repeated when the split is smaller)."""
+    """`batch` rows of `features` (repeated when there are fewer)."""
     return np.resize(features, (batch, features.shape[1]))
 
 
 def measure(
     manifest: Dict[str, Any], arrays: Dict[str, np.ndarray], features: np.ndarray, *, name: str, status: str,
-    version: Optional[int], val_accuracy: float, parent_accuracy: float, repeats: int,
+    version: Optional[int], test_accuracy: float, parent_accuracy: float, repeats: int,
 ) -> VariantReport:
     """A report row for the model of `manifest` on `arrays`."""
     values = parameter_values(manifest, arrays)
@@ -95,8 +96,8 @@ def measure(
         size_bytes=len(weights_to_bytes(arrays)),
         parameters=int(sum(v.size for v in values.values())),
         nonzero=int(sum(np.count_nonzero(v) for v in values.values())),
-        val_accuracy=val_accuracy,
-        accuracy_drop=parent_accuracy - val_accuracy,
+        test_accuracy=test_accuracy,
+        accuracy_drop=parent_accuracy - test_accuracy,
         latency_ms_b1=latency[1],
         latency_ms_b32=latency[32],
     )
@@ -106,14 +107,14 @@ def to_markdown(rows: List[VariantReport], title: str) -> str:
     parent = rows[0]
     lines = [
         f"## {title}", "",
-        "| variant | version | status | size on disk (KiB) | parameters | non-zero | val accuracy | drop (points) "
+        "| variant | version | status | size on disk (KiB) | parameters | non-zero | test accuracy | drop (points) "
         "| latency b1 (ms) | latency b32 (ms) | b1 vs parent | b32 vs parent |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.version if r.version is not None else '-'} | {r.status} | {r.size_bytes / 1024:.1f} "
-            f"| {r.parameters:,} | {r.nonzero:,} | {r.val_accuracy:.4f} | {100 * r.accuracy_drop:+.2f} "
+            f"| {r.parameters:,} | {r.nonzero:,} | {r.test_accuracy:.4f} | {100 * r.accuracy_drop:+.2f} "
             f"| {r.latency_ms_b1:.3f} | {r.latency_ms_b32:.3f} "
             f"| {r.latency_ms_b1 / parent.latency_ms_b1:.2f}x | {r.latency_ms_b32 / parent.latency_ms_b32:.2f}x |"
         )

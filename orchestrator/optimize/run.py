@@ -12,7 +12,7 @@ from orchestrator.optimize.gate import AccuracyGate, GateDecision, accuracy
 from orchestrator.optimize.methods import Candidate, CompressionMethod, Parent, make_methods
 from orchestrator.optimize.report import VariantReport, measure, write_report
 from orchestrator.registry.servable import INT8_VARIANTS
-from orchestrator.registry.store import ModelRegistry, ModelVersion
+from orchestrator.registry.store import ModelRegistry, ModelVersion, registry_for
 from orchestrator.training.data import load_split, prepare_dataset
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class OptimizeResult:
                 o.method: {
                     "registered": o.version is not None,
                     "version": o.version.version if o.version else None,
-                    "val_accuracy": round(o.decision.accuracy, 4),
+                    "test_accuracy": round(o.decision.accuracy, 4),
                     "drop": round(o.decision.drop, 4),
                 }
                 for o in self.outcomes
@@ -72,13 +72,14 @@ def run_optimize(cfg: PipelineConfig, ref: Optional[str] = None) -> OptimizeResu
     """Compress version `ref` (default `cfg.optimize.source`) of `cfg.registry.model_name` with every
     method in `cfg.optimize.methods`; register each variant within `cfg.optimize.tolerance`.
 
-    Connect Ray first when `needs_ray(cfg.optimize)`. Raises RegistryError for an unknown ref,
+    The gate compares parent and variant on the parent's test split. Connect Ray first when
+    `needs_ray(cfg.optimize)`. Raises RegistryError for an unknown ref,
     ValueError when the parent is itself an int8 variant (there is no float model to compress) or holds
     bf16 weights (the methods compress float32 models).
     """
-    registry = ModelRegistry(cfg.storage.root)
+    registry = registry_for(cfg)  # variants are encrypted like any version when registry.encryption is on
     parent = load_parent(cfg, registry, ref or cfg.optimize.source)
-    features, labels = load_split(parent.info, "val")
+    features, labels = load_split(parent.info, "test")
     parent_accuracy = accuracy(parent.version.manifest, parent.arrays, features, labels)
     gate = AccuracyGate(cfg.optimize.tolerance)
     repeats = cfg.optimize.latency_repeats
@@ -91,7 +92,7 @@ def run_optimize(cfg: PipelineConfig, ref: Optional[str] = None) -> OptimizeResu
             name="parent",
             status="parent",
             version=parent.version.version,
-            val_accuracy=parent_accuracy,
+            test_accuracy=parent_accuracy,
             parent_accuracy=parent_accuracy,
             repeats=repeats,
         )
@@ -146,7 +147,7 @@ def _one_variant(
     manifest = candidate.manifest(parent)
     decision = gate.decide(parent_accuracy, accuracy(manifest, candidate.arrays, features, labels))
     message = decision.message(f"{parent.version.model} v{parent.version.version} {method.name}")
-    version = _register(cfg, registry, parent, candidate, decision) if decision.accepted else None
+    version = _register(cfg, registry, parent, candidate, manifest, decision) if decision.accepted else None
     (log.info if decision.accepted else log.warning)("%s (%.1f s)", message, time.perf_counter() - started)
     if version is not None:
         manifest = version.manifest
@@ -157,7 +158,7 @@ def _one_variant(
         name=method.name,
         status="registered" if version else "rejected",
         version=version.version if version else None,
-        val_accuracy=decision.accuracy,
+        test_accuracy=decision.accuracy,
         parent_accuracy=parent_accuracy,
         repeats=cfg.optimize.latency_repeats,
     )
@@ -165,15 +166,17 @@ def _one_variant(
 
 
 def _register(
-    cfg, registry: ModelRegistry, parent: Parent, candidate: Candidate, decision: GateDecision
+    cfg, registry: ModelRegistry, parent: Parent, candidate: Candidate, manifest: Dict[str, Any],
+    decision: GateDecision,
 ) -> ModelVersion:
     model = parent.version.model
     version = registry.register(
         model,
         candidate.arrays,
         metrics={
-            "val_accuracy": decision.accuracy,
-            "parent_val_accuracy": decision.parent_accuracy,
+            "val_accuracy": accuracy(manifest, candidate.arrays, *load_split(parent.info, "val")),
+            "test_accuracy": decision.accuracy,
+            "parent_test_accuracy": decision.parent_accuracy,
             "accuracy_drop": decision.drop,
         },
         config=candidate.config,

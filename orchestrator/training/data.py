@@ -1,18 +1,27 @@
-"""Datasets: a tabular source (digits | synthetic | Parquet URL) becomes a deterministic train/val split
-written as Parquet under the storage root; a text source becomes train/val/test token blocks
-(orchestrator.training.text). Workers read both through Ray Data shards."""
+"""Datasets: a tabular source (digits | synthetic | Parquet URL) becomes a deterministic train/val/test
+split (seeded, stratified by label) written as Parquet under the storage root; a text source becomes
+train/val/test token blocks (orchestrator.training.text). Workers read both through Ray Data shards.
+
+Selection (best epoch, best trial, a fine-tune's best epoch) reads val; test is read once per registered
+version, for the manifest, promotion and the compression gate.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from orchestrator.config import DataConfig, DataKind
+from orchestrator.progress import Progress, say
 from orchestrator.registry import storage
+
+SPLITS = ("train", "val", "test")
+TRAINING_SPLITS = ("train", "val")
+"""What training and selection read; test is only read to score a chosen checkpoint."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,8 +29,8 @@ class DatasetInfo:
     """Where a prepared dataset lives and what it holds."""
 
     url: str
-    """Folder holding the splits (tabular: train.parquet, val.parquet; text: train/, val/, test/ folders,
-    tokenizer.json) and info.json."""
+    """Folder holding the splits (tabular: train.parquet, val.parquet, test.parquet; text: train/, val/, test/
+    folders, tokenizer.json) and info.json."""
     feature_columns: List[str]
     label_column: str
     input_shape: List[int]
@@ -36,7 +45,7 @@ class DatasetInfo:
     kind: str = "tabular"
     """'tabular' or 'text'."""
     num_test: int = 0
-    """Rows of the test split (text only; tabular data has none)."""
+    """Rows of the test split (text: token blocks); 0 in datasets prepared before tabular data had one."""
     context: int = 0
     """text: tokens a model sees per block; each row holds context + 1 tokens."""
     vocab_size: int = 0
@@ -99,60 +108,80 @@ def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
     info_url = storage.join(url, "info.json")
     if storage.exists(info_url):
         # The files do not depend on input_shape (only on how a model views a row): honour this call's.
-        return replace(DatasetInfo(**json.loads(storage.read_bytes(info_url))), input_shape=input_shape)
-    train_idx, val_idx = _split(len(labels), cfg.val_fraction, cfg.split_seed)
-    if len(train_idx) == 0:
-        raise ValueError(f"data.val_fraction {cfg.val_fraction} leaves no training rows out of {len(labels)}")
+        info = replace(DatasetInfo(**json.loads(storage.read_bytes(info_url))), input_shape=input_shape)
+        say(f"data: {info.url} ({split_sizes(info)}), prepared earlier")
+        return info
+    splits = split_rows(labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     info = DatasetInfo(
         url=url, feature_columns=columns, label_column=label_column, input_shape=input_shape,
-        num_classes=int(labels.max()) + 1, num_train=len(train_idx), num_val=len(val_idx), digest=digest,
+        num_classes=int(labels.max()) + 1, num_train=len(splits["train"]), num_val=len(splits["val"]),
+        num_test=len(splits["test"]), digest=digest,
     )
-    _write_parquet(info.train_url, features[train_idx], labels[train_idx], columns, label_column)
-    _write_parquet(info.val_url, features[val_idx], labels[val_idx], columns, label_column)
+    written = Progress(f"data: writing {_source_name(cfg.source)}", len(splits), "splits")
+    for split, rows in splits.items():
+        _write_parquet(info.split_url(split), features[rows], labels[rows], columns, label_column)
+        written.advance()
     storage.write_bytes_atomic(info_url, json.dumps(asdict(info), indent=2).encode())  # written last: marks it complete
+    written.done(f"{split_sizes(info)} in {info.url}")
     return info
 
 
+def split_sizes(info: DatasetInfo) -> str:
+    """'train 1258, val 359, test 180 rows' (text: token blocks), for progress lines."""
+    unit = "blocks" if info.kind == DataKind.text else "rows"
+    return f"train {info.num_train}, val {info.num_val}, test {info.num_test} {unit}"
+
+
 def load_split(info: DatasetInfo, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Read a split into memory on the driver: (features float32 [N, F], labels int64 [N]). Tabular data only."""
+    """Read a split ('train', 'val' or 'test') into memory on the driver: (features float32 [N, F], labels
+    int64 [N]). Tabular data only."""
     import pyarrow.parquet as pq
 
     if info.kind == DataKind.text:
         raise ValueError("load_split reads tabular data; text splits are streamed (ray_datasets)")
-
-    fs, path = storage.filesystem(info.train_url if split == "train" else info.val_url)
+    _check_split(info, split)
+    fs, path = storage.filesystem(info.split_url(split))
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
     return _table_to_arrays(table, info.feature_columns, info.label_column)
 
 
-def ray_datasets(info: DatasetInfo) -> Dict[str, Any]:
-    """Ray Data datasets of a prepared dataset's splits.
+def ray_datasets(info: DatasetInfo, splits: Sequence[str] = TRAINING_SPLITS) -> Dict[str, Any]:
+    """Ray Data datasets of a prepared dataset's `splits`; by default the splits training reads (its workers
+    never hold the test split).
 
-    Tabular: {'train', 'val'} yielding batches {'x': float32 [B, F], 'y': int64 [B]}, materialized once
-    into the object store: every epoch of every trial then streams blocks from shared memory instead of
-    re-reading Parquet (a re-read costs seconds per epoch here).
-    Text: {'train', 'val', 'test'} yielding {'tokens': int32 [B, context + 1], 'nbytes': int32 [B]}, read
-    lazily from Parquet so workers stream them and nothing holds a split whole.
+    Tabular: batches {'x': float32 [B, F], 'y': int64 [B]}, materialized once into the object store:
+    every epoch of every trial then streams blocks from shared memory instead of re-reading Parquet (a
+    re-read costs seconds per epoch here).
+    Text: {'tokens': int32 [B, context + 1], 'nbytes': int32 [B]}, read lazily from Parquet so workers
+    stream them and nothing holds a split whole.
     """
     import ray.data
 
     configure_ray_data()
     if info.kind == DataKind.text:
-        from orchestrator.training.text import SPLITS, split_files
+        from orchestrator.training.text import split_files
 
         fs, _ = storage.pyarrow_filesystem(info.url)
-        return {split: ray.data.read_parquet(split_files(info.split_url(split)), filesystem=fs) for split in SPLITS}
+        return {split: ray.data.read_parquet(split_files(info.split_url(split)), filesystem=fs) for split in splits}
     columns, label = info.feature_columns, info.label_column
 
     def to_xy(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         return {"x": _stack(batch, columns), "y": batch[label].astype(np.int64)}
 
     out = {}
-    for split, url in (("train", info.train_url), ("val", info.val_url)):
-        fs, path = storage.pyarrow_filesystem(url)
+    for split in splits:
+        _check_split(info, split)
+        fs, path = storage.pyarrow_filesystem(info.split_url(split))
         out[split] = ray.data.read_parquet(path, filesystem=fs).map_batches(to_xy, batch_format="numpy").materialize()
     return out
+
+
+def _check_split(info: DatasetInfo, split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if split == "test" and not info.num_test:  # tabular data prepared before it had a test split
+        raise ValueError(f"{info.url} has no test split: prepare the dataset again (a new storage root)")
 
 
 def configure_ray_data() -> None:
@@ -160,7 +189,7 @@ def configure_ray_data() -> None:
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    # (Its progress bars are orchestrator.runtime's: on only with verbose=true.)
     # Rows keep their Parquet order, so every worker that reads a split sees the same sequence and
     # its share of it (orchestrator.training.loop) is the same from run to run.
     context.execution_options.preserve_order = True
@@ -233,10 +262,28 @@ def _stack(batch: Dict[str, np.ndarray], columns: List[str]) -> np.ndarray:
     return np.stack([batch[c] for c in columns], axis=1).astype(np.float32)
 
 
-def _split(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(n * val_fraction)))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def split_rows(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> Dict[str, np.ndarray]:
+    """Row indices of each split {'train', 'val', 'test'}, each sorted; seeded, disjoint, covering every row.
+
+    Stratified by label: each class's rows, in a seeded order, are spread evenly over [0, 1) (the i-th of
+    n at (i + 0.5) / n); test takes the lowest positions, val the next, train the rest. Every split then
+    holds each class in about its share of the data, with exact split sizes, and a class of one or two
+    rows lands in train before any held-out split. Raises ValueError when no training row is left.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    shuffled = rng.permutation(n)
+    position = np.empty(n)
+    for label in np.unique(labels):
+        members = shuffled[labels[shuffled] == label]
+        position[members] = (np.arange(len(members)) + 0.5) / len(members)
+    order = np.lexsort((rng.permutation(n), position))  # ties (equal class sizes) broken at random
+    n_test, n_val = (max(1, int(round(n * f))) for f in (test_fraction, val_fraction))
+    if n - n_test - n_val < 1:
+        raise ValueError(f"data.val_fraction {val_fraction} and data.test_fraction {test_fraction} leave no "
+                         f"training rows out of {n}")
+    held = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    return {split: np.sort(rows) for split, rows in held.items()}
 
 
 def _write_parquet(url: str, features: np.ndarray, labels: np.ndarray, columns: List[str], label: str) -> None:
@@ -254,7 +301,7 @@ def _digest(features: np.ndarray, labels: np.ndarray, cfg: DataConfig) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(features).tobytes())
     h.update(np.ascontiguousarray(labels).tobytes())
-    h.update(f"{cfg.val_fraction}:{cfg.split_seed}".encode())
+    h.update(f"stratified:{cfg.val_fraction}:{cfg.test_fraction}:{cfg.split_seed}".encode())
     return h.hexdigest()
 
 

@@ -45,7 +45,7 @@ from orchestrator.training.phases import (
     make_aux_heads,
 )
 from orchestrator.training.resume import mark_done, run_name_for
-from orchestrator.training.schedules import HEAD, Phase, expand_schedule
+from orchestrator.training.schedules import HEAD, Phase, expand_schedule, schedule_epochs
 from orchestrator.training.tasks import Task, get_task
 from orchestrator.training.tracking import start_tracking
 
@@ -137,6 +137,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         group=loop_config["group"],
         config=to_dict(cfg),
         rank=rank,
+        run_url=loop_config["run_url"],
     )
     run = _Run(cfg=cfg, task=task, model=model, aux_heads=aux_heads, flops=flops, rank=rank, world=world,
                device=device, source=source, resume=resume, tracker=tracker, phases=phases,
@@ -392,6 +393,7 @@ class _Run:
             "restored_epoch": self.resume.epoch,
             "steps": self.resume.steps,
             **self.resume.compute.as_metrics(),
+            **self.tracker.run_reference(),  # rank 0's report names its tracking run for the driver
         })
         self.resume.history.append(metrics)
         self.tracker.log(metrics, step=epoch + 1)
@@ -607,12 +609,20 @@ def run_train(cfg: PipelineConfig, info: Optional[DatasetInfo] = None, datasets=
     `datasets` are `ray_datasets(info)` when the caller already materialized them for several runs.
     With `cfg.resume`, continues the newest unfinished training run of `cfg.run_name` instead.
     """
+    from orchestrator.training.reports import follow_runs
+
     info = info or prepare_dataset(cfg.data, cfg.storage.root)
     run_name = run_name_for(cfg, "train")
-    trainer = build_trainer(
-        cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results", datasets=datasets
-    )
-    result = result_from_ray(trainer.fit(), cfg.storage.root, info, get_task(cfg.task.name))
+    task = get_task(cfg.task.name)
+    # The Train controller's reports, printed by the driver as they come: a line per epoch, then a summary.
+    with follow_runs(task, planned=schedule_epochs(cfg.schedule, cfg.train.epochs)) as runs:
+        trainer = build_trainer(
+            cfg, info, run_name=run_name, group=cfg.run_name, storage_subdir="ray_results", datasets=datasets,
+            callbacks=[runs.events.named(run_name, reports=True)],
+        )
+        fitted = trainer.fit()
+    runs.finished(run_name)
+    result = result_from_ray(fitted, cfg.storage.root, info, task)
     mark_done(cfg.storage.root, run_name, {"best_checkpoint": result.checkpoint_path, "metrics": result.metrics})
     return result
 
@@ -667,7 +677,7 @@ def evaluate_checkpoint(cfg: PipelineConfig, info: DatasetInfo, checkpoint_path:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
         sums = task.zero_sums()
         with torch.no_grad(), autocast:
-            for raw in ray_datasets(info)[split].iter_torch_batches(batch_size=max(1, cfg.train.batch_size)):
+            for raw in ray_datasets(info, [split])[split].iter_torch_batches(batch_size=max(1, cfg.train.batch_size)):
                 inputs, targets = task.batch(raw, device)
                 sums = sums + task.eval_sums(model(inputs), targets, raw)
         return task.metrics(sums, f"{split}_")

@@ -8,6 +8,7 @@ their own, so several trials of several workers share a small machine.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from dataclasses import dataclass, field
@@ -85,16 +86,19 @@ def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _run_trial(config: Dict[str, Any], base: PipelineConfig, info: DatasetInfo, datasets, sweep_name: str) -> None:
-    """One Tune trial: fit one TorchTrainer with the sampled values and forward its reports."""
+def _run_trial(config: Dict[str, Any], base: PipelineConfig, info: DatasetInfo, datasets, sweep_name: str,
+               events=None) -> None:
+    """One Tune trial: fit one TorchTrainer with the sampled values and forward its reports (and, to
+    `events`, its workers' failures, which the driver prints)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     cfg = to_config(base, flatten(config))
+    callbacks = [TuneReportCallback()] + ([events.named(f"trial {trial_id}", reports=False)] if events else [])
     trainer = build_trainer(
         cfg, info, run_name=trial_id, group=sweep_name, storage_subdir=f"ray_results/{sweep_name}/trials",
-        datasets=datasets, callbacks=[TuneReportCallback()],
+        datasets=datasets, callbacks=callbacks,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -156,39 +160,60 @@ def run_sweep(cfg: PipelineConfig, info: Optional[DatasetInfo] = None) -> SweepR
     With `cfg.resume`, restores the newest unfinished sweep of `cfg.run_name` from the storage root:
     finished trials are kept, unfinished ones continue from their newest complete checkpoint.
     """
-    from ray import tune
+    from orchestrator.training.reports import follow_runs
 
     info = info or prepare_dataset(cfg.data, cfg.storage.root)
     name = run_name_for(cfg, "sweep")
+    # Worker failures that a trial's Train run retries by itself reach the driver through this queue.
+    with follow_runs(get_task(cfg.task.name), metric=cfg.tune.metric, mode=cfg.tune.mode) as runs:
+        grid = _tuner(cfg, info, name, runs.events).fit()
+    result = _summarize(grid, cfg, name, info)
+    mark_done(
+        cfg.storage.root, name, {"best_trial": result.best_trial_id, "best_checkpoint": result.best.checkpoint_path}
+    )
+    return result
+
+
+def _tuner(cfg: PipelineConfig, info: DatasetInfo, name: str, events):
+    """The Tuner of sweep `name`: new, or with `cfg.resume` the restored unfinished one."""
+    from ray import tune
+
+    from orchestrator.training.reports import TrialProgress
+
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=cfg, info=info, datasets=ray_datasets(info), sweep_name=name),
+        tune.with_parameters(_run_trial, base=cfg, info=info, datasets=ray_datasets(info), sweep_name=name,
+                             events=events),
         {"cpu": cfg.tune.trial_cpus},
     )
     fs, path = storage.pyarrow_filesystem(storage.join(cfg.storage.root, "ray_results"))
     experiment = f"{path.rstrip('/')}/{name}"
     if cfg.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        tuner = tune.Tuner.restore(
+        return tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
         )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune_space(cfg.tune.search_space),
-            tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
-                num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent_trials_that_fit(cfg),
-            ),
-            run_config=tune.RunConfig(
-                name=name, storage_path=path, storage_filesystem=fs, verbose=0,
-                # A trial whose process dies is retried; its Train run resumes from its newest complete checkpoint.
-                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-            ),
-        )
-    result = _summarize(tuner.fit(), cfg, name, info)
-    mark_done(
-        cfg.storage.root, name, {"best_trial": result.best_trial_id, "best_checkpoint": result.best.checkpoint_path}
+    progress = TrialProgress(get_task(cfg.task.name), metric=cfg.tune.metric, mode=cfg.tune.mode,
+                             planned=functools.partial(trial_epochs, cfg), sampled=flatten)
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(cfg.tune.search_space),
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
+            num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent_trials_that_fit(cfg),
+        ),
+        run_config=tune.RunConfig(
+            # Tune's own table only with verbose=true; the progress lines are TrialProgress's.
+            name=name, storage_path=path, storage_filesystem=fs, verbose=1 if cfg.verbose else 0,
+            callbacks=[progress],
+            # A trial whose process dies is retried; its Train run resumes from its newest complete checkpoint.
+            failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+        ),
     )
-    return result
+
+
+def trial_epochs(cfg: PipelineConfig, config: Dict[str, Any]) -> int:
+    """Epochs the trial with sampled `config` runs unless stopped early."""
+    trial_cfg = to_config(cfg, flatten(config))
+    return schedule_epochs(trial_cfg.schedule, trial_cfg.train.epochs)
 
 
 def _summarize(grid, cfg: PipelineConfig, name: str, info: DatasetInfo) -> SweepResult:
@@ -249,10 +274,7 @@ def _trial_summary(result, cfg: PipelineConfig) -> TrialSummary:
     if result.error is not None:
         status = f"error: {type(result.error).__name__}"
     else:
-        trial_cfg = to_config(cfg, flatten(result.config))
-        status = (
-            "completed" if epochs >= schedule_epochs(trial_cfg.schedule, trial_cfg.train.epochs) else "stopped early"
-        )
+        status = "completed" if epochs >= trial_epochs(cfg, result.config) else "stopped early"
     return TrialSummary(
         trial_id=_trial_id(result),
         overrides=flatten(result.config),

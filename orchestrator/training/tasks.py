@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-from orchestrator.config.schema import TASK_METRICS
+from orchestrator.config.schema import TASK_HEADLINE, TASK_METRICS
 
 PAD_ID = 0
 """Token id of padding in language-model blocks (orchestrator.training.text); targets equal to it are ignored."""
@@ -78,7 +78,7 @@ class Classification(Task):
     selection_metric = "val_accuracy"
     selection_mode = "max"
     metric_names = TASK_METRICS["classification"]
-    headline = ("accuracy",)
+    headline = TASK_HEADLINE["classification"]
 
     def batch(self, batch, device):
         return batch["x"].to(device), batch["y"].to(device)
@@ -112,7 +112,7 @@ class CausalLM(Task):
     selection_metric = "val_loss"
     selection_mode = "min"
     metric_names = TASK_METRICS["causal_lm"]
-    headline = ("loss", "bits_per_byte")
+    headline = TASK_HEADLINE["causal_lm"]
 
     def batch(self, batch, device):
         tokens = batch["tokens"].to(device=device, dtype=torch.long)

@@ -23,15 +23,15 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from orchestrator.config import DataConfig, TokenizerKind
+from orchestrator.progress import counted, polled, say
 from orchestrator.registry import storage
-from orchestrator.training.data import DatasetInfo, configure_ray_data
+from orchestrator.training.data import SPLITS, DatasetInfo, configure_ray_data, split_sizes
 
 PAD_ID = 0
 """Pads the last block of a document; a target equal to it is ignored by the loss."""
 BOS_ID = 1
 """Starts every document."""
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>")
-SPLITS = ("train", "val", "test")
 TOKENS_COLUMN = "tokens"
 NBYTES_COLUMN = "nbytes"
 TEST_DIRS = frozenset({"test", "tests", "idle_test"})
@@ -369,18 +369,24 @@ def prepare_text(cfg: DataConfig, root: str) -> DatasetInfo:
     """
     refs = list_documents(cfg)
     splits = split_documents(len(refs), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    digest, sizes = _digest(read_documents(refs, cfg.text_column), cfg)
+    # Every call reads the whole corpus once, for its digest: the dataset's identity is its content.
+    documents = counted(read_documents(refs, cfg.text_column), "data: reading documents", len(refs), "documents")
+    digest, sizes = _digest(documents, cfg)
     url = storage.join(root, "datasets", f"text-{digest[:12]}")
     info_url = storage.join(url, "info.json")
     if storage.exists(info_url):
-        return DatasetInfo(**json.loads(storage.read_bytes(info_url)))
+        info = DatasetInfo(**json.loads(storage.read_bytes(info_url)))
+        say(f"data: {url} ({split_sizes(info)}), prepared earlier")
+        return info
     members = {s: [refs[i] for i in splits[s]] for s in SPLITS}
     tokenizer = _train_tokenizer(cfg, members["train"])
     storage.write_bytes_atomic(storage.join(url, "tokenizer.json"), tokenizer.spec)
     baselines = {
         f"{split}_{name}_bits_per_byte": value
         for split in ("val", "test")
-        for name, value in compression_bits_per_byte(read_documents(members[split], cfg.text_column)).items()
+        for name, value in compression_bits_per_byte(counted(
+            read_documents(members[split], cfg.text_column), f"data: gzip and xz of {split}", len(members[split]),
+            "documents")).items()
     }
     # The train split is written in a seeded random document order (each repeat its own): workers stream it
     # in stored order, shuffling within windows, so a sorted corpus (all of encodings/, then all of email/, ...)
@@ -420,7 +426,9 @@ def _digest(documents: Iterable[bytes], cfg: DataConfig) -> Tuple[str, List[int]
 def _train_tokenizer(cfg: DataConfig, train: Sequence[DocumentRef]) -> TextTokenizer:
     if cfg.tokenizer == TokenizerKind.bytes:
         return ByteTokenizer()
-    return train_bpe(read_documents(train, cfg.text_column), cfg.vocab_size, count=len(train))
+    documents = counted(read_documents(train, cfg.text_column), "data: training the BPE tokenizer", len(train),
+                        "documents")
+    return train_bpe(documents, cfg.vocab_size, count=len(train))
 
 
 def _write_split(url: str, refs: Sequence[DocumentRef], tokenizer: TextTokenizer, cfg: DataConfig) -> Tuple[int, int]:
@@ -437,12 +445,21 @@ def _write_split(url: str, refs: Sequence[DocumentRef], tokenizer: TextTokenizer
     items = [asdict(r) for r in refs]
     tokenize = functools.partial(tokenize_batch, spec=tokenizer.spec, context=cfg.context, text_column=cfg.text_column)
     pa_fs, pa_path = storage.pyarrow_filesystem(url)
-    (
-        ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / DOCUMENTS_PER_TASK)))
-        .map_batches(tokenize, batch_size=DOCUMENTS_PER_TASK, batch_format="numpy")
-        .write_parquet(pa_path, filesystem=pa_fs)
-    )
+    tasks = max(1, math.ceil(len(items) / DOCUMENTS_PER_TASK))
+    with polled(f"data: tokenizing {url.rstrip('/').rsplit('/', 1)[-1]}", tasks, lambda: _files_in(url), "files"):
+        (
+            ray.data.from_items(items, override_num_blocks=tasks)
+            .map_batches(tokenize, batch_size=DOCUMENTS_PER_TASK, batch_format="numpy")
+            .write_parquet(pa_path, filesystem=pa_fs)
+        )
     return _count_written(url, cfg.context + 1)
+
+
+def _files_in(url: str) -> int:
+    """Parquet files under `url` so far (a write in progress: one per finished or running task)."""
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache(path)  # object stores' listings are cached
+    return sum(1 for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
 
 
 def split_files(url: str) -> List[str]:

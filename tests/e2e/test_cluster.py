@@ -138,8 +138,8 @@ def test_driver_on_the_head_joins_through_ray_address(cluster, submitted_pipelin
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # It joined this cluster (whose dashboard it names), not an embedded Ray of its own.
-    assert "Connected to Ray cluster" in proc.stderr and cluster.dashboard_url.split("//")[1] in proc.stderr
-    assert "Started a local Ray instance" not in proc.stderr
+    assert "connected to the Ray cluster at" in proc.stderr and cluster.dashboard_url.split("//")[1] in proc.stderr
+    assert "started an embedded local Ray" not in proc.stderr
     summary = last_json_line(proc.stdout)
     assert summary["version"] == 2 and summary["epochs_trained"] == 2
 

@@ -1,6 +1,7 @@
 """The jobs driven from outside: `python -m jobs.<verb> overrides...` as subprocesses, then real HTTP."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,31 @@ def test_pipeline_prints_summary_and_exits(pipeline_run):
     assert summary["endpoint"] == f"http://127.0.0.1:{port}/v2/models/digits"
     assert summary["endpoint_check_accuracy"] >= 0.85
     assert summary["api_key"].startswith("orc_")  # first start: a generated key, printed once
+
+
+def test_pipeline_prints_a_line_per_trial_epoch_and_little_else(pipeline_run):
+    proc, root, _, _ = pipeline_run
+    lines = proc.stdout.splitlines()
+    (sweep,) = (root / "ray_results").glob("smoke-sweep-*")
+    trials = {re.match(r"_run_trial_([0-9a-f]+_\d+)_", d.name).group(1): d for d in sweep.glob("_run_trial_*")}
+    assert len(trials) == 4
+    for trial_id, folder in trials.items():
+        reported = [json.loads(row)["epoch"] for row in (folder / "result.json").read_text().splitlines()]
+        shown = [line for line in lines if line.startswith(f"[trial {trial_id}] epoch ")]
+        # One line per epoch the trial reported, in order, each with its loss and val accuracy.
+        assert [int(line.split()[3].split("/")[0]) for line in shown] == reported, proc.stdout
+        assert all("train_loss " in line and "val_accuracy " in line for line in shown)
+        assert sum(line.startswith(f"[trial {trial_id}] started ") for line in lines) == 1
+        ends = [line for line in lines if line.startswith((f"[trial {trial_id}] completed: ",
+                                                           f"[trial {trial_id}] stopped early: "))]
+        assert len(ends) == 1 and f"{len(reported)}/4 epochs" in ends[0], proc.stdout
+    assert any(line.startswith("data: ") for line in lines)
+    # Ray's own output stays off: no worker or Train lines, Ray's INFO logs or Tune's table.
+    output = proc.stdout + proc.stderr
+    for chatter in ("(RayTrainWorker", "(TrainController", "Reporting training result", "(ServeController",
+                    "Configuration for experiment", "INFO worker.py", "RayDeprecationWarning"):
+        assert chatter not in output, output
+    assert len(output.splitlines()) < 60, output
 
 
 def test_pipeline_state_lives_under_storage_root(pipeline_run):
@@ -130,7 +156,7 @@ def test_bad_override_fails_before_ray_starts(override, field, tmp_path):
     proc = run_job("pipeline", *override.split(), f"storage.root=file://{tmp_path}", timeout=120)
     assert proc.returncode != 0
     assert field in proc.stderr + proc.stdout
-    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert "started an embedded local Ray" not in proc.stderr + proc.stdout
     assert not (tmp_path / "datasets").exists()
     assert time.time() - started < 60
 
@@ -145,6 +171,6 @@ def test_a_mistyped_option_or_key_fails_before_ray_starts_naming_what_exists(ove
     output = proc.stderr + proc.stdout
     assert proc.returncode != 0
     assert named in output and known in output
-    assert "Started a local Ray instance" not in output
+    assert "started an embedded local Ray" not in output
     assert not (tmp_path / "datasets").exists()
     assert time.time() - started < 60

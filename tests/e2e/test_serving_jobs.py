@@ -46,7 +46,7 @@ def test_deploy_job_writes_a_serve_config_without_starting_ray(tmp_path):
                    "serve.port=8123", "serve.max_replicas=3", "serve.auth.enabled=false", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert last_json_line(proc.stdout)["serve_config"] == str(out)
-    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert "started an embedded local Ray" not in proc.stderr + proc.stdout
     config = yaml.safe_load(out.read_text())
     (application,) = ServeDeploySchema(**config).applications
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}

@@ -96,14 +96,17 @@ def sorted_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def test_parquet_source_is_prepared_on_s3_and_reads_back_row_for_row(s3, prepared):
     info = prepared.info
     assert info.url.startswith(s3.cfg.storage.root + "/datasets/")
-    assert info.feature_columns == [f"p{i}" for i in range(64)] and info.num_train + info.num_val == len(s3.y)
+    assert info.feature_columns == [f"p{i}" for i in range(64)]
+    assert info.num_train + info.num_val + info.num_test == len(s3.y)
     keys = s3.server.keys(key_of(info.url))
-    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["info.json", "train.parquet", "val.parquet"]
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["info.json", "test.parquet", "train.parquet", "val.parquet"]
     train_x, train_y = load_split(info, "train")
     val_x, val_y = load_split(info, "val")
-    assert (len(train_y), len(val_y)) == (info.num_train, info.num_val)
+    test_x, test_y = load_split(info, "test")
+    assert (len(train_y), len(val_y), len(test_y)) == (info.num_train, info.num_val, info.num_test)
     np.testing.assert_array_equal(
-        sorted_rows(np.vstack([train_x, val_x]), np.concatenate([train_y, val_y])), sorted_rows(s3.x, s3.y)
+        sorted_rows(np.vstack([train_x, val_x, test_x]), np.concatenate([train_y, val_y, test_y])),
+        sorted_rows(s3.x, s3.y),
     )
     # What Ray Data's read tasks (other processes) streamed from the bucket is the same split, in the same order.
     rows = prepared.datasets["train"].take_all()

@@ -1,25 +1,36 @@
 """The serving layer on a real local Ray: small digits models in a registry, deployed with
 run_deploy (API keys on, as by default) and spoken to over real HTTP (Open Inference Protocol v2)."""
 
+import copy
 import json
 import shutil
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Dict, List, Sequence, Tuple
 
+import ml_dtypes
 import numpy as np
 import pytest
 import ray
 import requests
+import schemathesis
 import torch
+import tritonclient.http as triton
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
+from tritonclient.utils import InferenceServerException
 
-from orchestrator.client import check_endpoint
+from orchestrator.client import Client, InferenceError, check_endpoint
 from orchestrator.config import ModelConfig, PipelineConfig, ServeConfig, StorageConfig, to_config
 from orchestrator.registry import WEIGHTS, IntegrityError, ModelRegistry, RegistryError
 from orchestrator.training.models import build_model
@@ -27,7 +38,8 @@ from serve.app import app_builder, build_app
 from serve.auth import KeyStore, keys_url
 from serve.config_file import serve_config
 from serve.deploy import run_deploy
-from serve.names import CONTROLLER_DEPLOYMENT, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, NAMESPACE, model_id
+from serve.names import CONTROLLER_DEPLOYMENT, INGRESS_DEPLOYMENT, NAMESPACE
+from serve.protocol import project_version
 from serve.weights import weights_holder_name
 from tests.integration.serving_support import INPUT_SHAPE, MODEL, digits, register
 from tests.support import fit, free_port, infer_body
@@ -39,7 +51,7 @@ APP = ServeConfig().app_name
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A registry with digits v1 (trained, 'production'), digits v2 (trained differently) and
-    other_digits v1; held-out rows and the labels the in-process v1 gives them."""
+    other_digits v1; held-out rows, the labels the in-process v1 gives them, and the in-process models."""
     x, y = digits()
     cfg = PipelineConfig(
         model=ModelConfig(hidden=[32]),
@@ -60,7 +72,7 @@ def trained(tmp_path_factory):
     register(cfg, models[0], alias="production")
     register(cfg, models[1])
     register(cfg, models[1], name="other_digits")
-    return SimpleNamespace(cfg=cfg, val_x=x[1400:], expected=expected[0], expected_v2=expected[1])
+    return SimpleNamespace(cfg=cfg, val_x=x[1400:], expected=expected[0], expected_v2=expected[1], models=models)
 
 
 @pytest.fixture(scope="module")
@@ -160,17 +172,14 @@ def test_versions_and_aliases_are_routed_to_their_own_weights(deployed, trained)
     assert post_infer(deployed, trained.val_x[:1]).headers["X-Model-Version"] == "1"
 
 
-def test_a_second_model_shares_the_model_replicas(deployed, trained):
+def test_a_second_model_shares_the_serving_replicas(deployed, trained):
     response = post_infer(deployed, trained.val_x[:4], url=f"{deployed.base_url}/v2/models/other_digits/infer")
     assert response.status_code == 200, response.text
     assert response.headers["X-Model-Name"] == "other_digits" and response.headers["X-Model-Version"] == "1"
     assert response.json()["outputs"][1]["data"] == trained.expected_v2[:4].tolist()
-    # N models are not N deployments: the same three deployments serve both.
-    assert set(serve.status().applications[APP].deployments) == {
-        INGRESS_DEPLOYMENT,
-        MODEL_DEPLOYMENT,
-        CONTROLLER_DEPLOYMENT,
-    }
+    # N models are not N deployments: the same two deployments serve both, and only one is on the
+    # request path (the replica that parses a request runs the model).
+    assert set(serve.status().applications[APP].deployments) == {INGRESS_DEPLOYMENT, CONTROLLER_DEPLOYMENT}
 
 
 def test_concurrent_requests_get_their_own_rows_back(deployed, trained):
@@ -327,15 +336,381 @@ def test_fuzzed_infer_bodies_never_get_a_5xx(deployed, body):
     assert response.status_code == 200 or response.json()["error"]
 
 
+# -- the protocol at the endpoint: standard clients, every FP datatype into FP32, binary data -------
+
+
+def in_process(model: torch.nn.Module, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) the in-process model gives float32 `rows`."""
+    with torch.no_grad():
+        probabilities = torch.softmax(model(torch.from_numpy(np.ascontiguousarray(rows, np.float32))), dim=1).numpy()
+    return probabilities, probabilities.argmax(axis=1)
+
+
+@pytest.fixture(scope="module")
+def v2(deployed):
+    """orchestrator.client.Client of the deployment, with the deploy key (binary tensors by default)."""
+    with Client(deployed.base_url, api_key=deployed.api_key) as client:
+        yield client
+
+
+def test_tritonclient_with_its_default_settings(deployed, trained):
+    client = triton.InferenceServerClient(url=deployed.base_url.removeprefix("http://"))
+    headers = auth(deployed.api_key)
+    try:
+        assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
+        server = client.get_server_metadata(headers=headers)
+        assert server["name"] == "orchestrator" and "binary_tensor_data" in server["extensions"]
+        metadata = client.get_model_metadata(MODEL, headers=headers)
+        assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+        assert client.is_model_ready(MODEL, headers=headers) and client.is_model_ready(MODEL, "2", headers=headers)
+        assert not client.is_model_ready("nope", headers=headers)
+
+        tensor = triton.InferInput("input", list(trained.val_x.shape), "FP32")
+        tensor.set_data_from_numpy(trained.val_x)  # binary data: tritonclient's default
+        wanted = [triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("label")]
+        result = client.infer(MODEL, [tensor], outputs=wanted, request_id="triton-1", headers=headers)
+        response = result.get_response()
+        assert response["id"] == "triton-1" and response["model_version"] == "1"
+        assert [o["parameters"]["binary_data_size"] for o in response["outputs"]] == [len(trained.val_x) * 40,
+                                                                                     len(trained.val_x) * 8]
+        probabilities, labels = in_process(trained.models[0], trained.val_x)
+        assert result.as_numpy("label").dtype == np.int64 and result.as_numpy("probabilities").dtype == np.float32
+        np.testing.assert_array_equal(result.as_numpy("label"), trained.expected)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, atol=1e-5)
+
+        # No outputs named: tritonclient asks for every output in binary (binary_data_output).
+        every = client.infer(MODEL, [tensor], headers=headers)
+        assert [o["name"] for o in every.get_response()["outputs"] if "binary_data_size" in o["parameters"]] == [
+            "probabilities", "label"]
+        np.testing.assert_array_equal(every.as_numpy("label"), trained.expected)
+        np.testing.assert_array_equal(every.as_numpy("probabilities"), result.as_numpy("probabilities"))
+        # JSON tensors both ways, as tritonclient sends them when told to.
+        tensor.set_data_from_numpy(trained.val_x, binary_data=False)
+        plain = client.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("label", binary_data=False)],
+                             headers=headers)
+        assert "data" in plain.get_response()["outputs"][0]
+        np.testing.assert_array_equal(plain.as_numpy("label"), trained.expected)
+        versioned = client.infer(MODEL, [tensor], model_version="2", outputs=wanted[1:], headers=headers)
+        assert versioned.as_numpy("probabilities") is None
+        np.testing.assert_array_equal(versioned.as_numpy("label"), trained.expected_v2)
+
+        with pytest.raises(InferenceServerException, match="not an output of this model"):
+            client.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("nope")], headers=headers)
+        with pytest.raises(InferenceServerException, match="Bearer"):
+            client.infer(MODEL, [tensor])
+    finally:
+        client.close()
+
+
+def test_client_binary_and_json_answers_agree(v2, trained):
+    binary = v2.infer(MODEL, trained.val_x, request_id="bin-1")
+    plain = v2.infer(MODEL, trained.val_x, request_id="json-1", binary=False)
+    assert binary.headers["content-type"] == "application/octet-stream"
+    assert int(binary.headers["inference-header-content-length"]) < len(trained.val_x) * 48
+    assert plain.headers["content-type"] == "application/json"
+    assert "inference-header-content-length" not in plain.headers
+    assert (binary.id, plain.id) == ("bin-1", "json-1")
+    for result in (binary, plain):
+        assert list(result.outputs) == ["probabilities", "label"]
+        assert result.model_name == MODEL and result.model_version == "1" and result.headers["x-model-version"] == "1"
+        np.testing.assert_array_equal(result["label"], trained.expected)
+    np.testing.assert_array_equal(binary["probabilities"], plain["probabilities"])
+    np.testing.assert_allclose(binary["probabilities"], in_process(trained.models[0], trained.val_x)[0], atol=1e-5)
+
+
+def test_client_output_selection_versions_and_headers(v2, trained):
+    rows = trained.val_x[:20]
+    for binary in (True, False):
+        only = v2.infer(MODEL, rows, outputs=["label"], binary=binary)
+        assert list(only.outputs) == ["label"] and [o["name"] for o in only.response["outputs"]] == ["label"]
+        np.testing.assert_array_equal(only["label"], trained.expected[:20])
+        both = v2.infer(MODEL, rows, outputs=["label", "probabilities"], binary=binary)
+        assert list(both.outputs) == ["label", "probabilities"]  # in the order asked for
+    for ref, version, expected in (("2", "2", trained.expected_v2), (2, "2", trained.expected_v2),
+                                   ("production", "1", trained.expected), ("latest", "2", trained.expected_v2)):
+        result = v2.infer(MODEL, rows, version=ref)
+        assert result.headers["x-model-version"] == version == result.model_version, ref
+        assert result.headers["x-model-name"] == MODEL
+        np.testing.assert_array_equal(result["label"], expected[:20])
+
+
+def test_client_errors_name_what_is_wrong(v2, trained):
+    rows = trained.val_x[:3]
+    cases = [
+        ("unknown output", dict(inputs=rows, outputs=["label", "nope"]), 400, "'nope' is not an output"),
+        ("undeclared input", dict(inputs={"input": rows, "extra": rows}), 400, "'extra' is not an input"),
+        ("only an undeclared input", dict(inputs={"pixels": rows}), 400, "'pixels' is not an input"),
+        ("parameter value a list", dict(inputs=rows, parameters={"priority": [1]}), 400, "parameters['priority']"),
+        ("parameter value an object", dict(inputs=rows, parameters={"k": {"a": 1}}), 400, "parameters['k']"),
+        ("parameter value null", dict(inputs=rows, parameters={"k": None}), 400, "parameters['k']"),
+        ("INT64 into FP32", dict(inputs=rows.astype(np.int64)), 400, "takes 'FP32'"),
+        ("unknown version", dict(inputs=rows, version=9), 404, "9"),
+    ]
+    for binary in (True, False):
+        for kind, call, status, message in cases:
+            with pytest.raises(InferenceError) as caught:
+                v2.infer(MODEL, **{"binary": binary, **call})
+            assert caught.value.status == status, f"{kind}: {caught.value}"
+            assert message in caught.value.message, f"{kind}: {caught.value.message}"
+    # Well-formed parameters are accepted where the protocol allows them.
+    result = v2.infer(MODEL, rows, parameters={"priority": 2, "note": "x", "urgent": True, "ratio": 0.5})
+    np.testing.assert_array_equal(result["label"], trained.expected[:3])
+
+
+def test_fp16_fp64_and_bf16_inputs_run_as_their_values_rounded(v2, trained):
+    # Digits pixels are multiples of 1/16, which FP16 and BF16 hold exactly: add noise so rounding counts.
+    rows = trained.val_x[:64] + np.random.default_rng(0).normal(0, 0.05, (64, 64))
+    sent: List[Tuple[str, Dict[str, Any], np.ndarray]] = [
+        ("FP16", {"inputs": rows.astype(np.float16)}, rows.astype(np.float16).astype(np.float32)),
+        ("FP64", {"inputs": rows}, rows.astype(np.float32)),
+        ("BF16", {"inputs": rows, "datatypes": {"input": "BF16"}}, rows.astype(ml_dtypes.bfloat16).astype(np.float32)),
+    ]
+    unrounded, _ = in_process(trained.models[0], rows.astype(np.float32))
+    for datatype, call, rounded in sent:
+        probabilities, labels = in_process(trained.models[0], rounded)
+        for binary in (True, False):
+            result = v2.infer(MODEL, binary=binary, **call)
+            np.testing.assert_array_equal(result["label"], labels, err_msg=f"{datatype} binary={binary}")
+            np.testing.assert_allclose(result["probabilities"], probabilities, atol=1e-6,
+                                       err_msg=f"{datatype} binary={binary}")
+        if datatype == "BF16":  # the rounding is big enough that the answers show the server used it
+            assert np.abs(result["probabilities"] - unrounded).max() > 1e-4
+
+
+def raw_infer(deployed, header: Dict[str, Any], blob: bytes = b"", *, length: Any = "auto") -> requests.Response:
+    """POST a JSON header and binary data as the binary tensor data extension lays them out."""
+    head = json.dumps(header).encode()
+    headers = {**auth(deployed.api_key), "Content-Type": "application/octet-stream"}
+    if length is not None:
+        headers["Inference-Header-Content-Length"] = str(len(head) if length == "auto" else length)
+    return requests.post(f"{deployed.endpoint}/infer", data=head + blob, headers=headers, timeout=30)
+
+
+def test_malformed_parameters_and_binary_requests_are_400(deployed, trained):
+    rows = trained.val_x[:2]
+    blob = rows.tobytes()
+    one = {"name": "input", "shape": [2, 64], "datatype": "FP32", "parameters": {"binary_data_size": len(blob)}}
+
+    def body(**changes):
+        return {"inputs": [one], **changes}
+
+    cases = [
+        ("parameters a string", body(parameters="fast"), blob, "auto"),
+        ("parameters a list", body(parameters=[1]), blob, "auto"),
+        ("parameter value a list", body(parameters={"k": [1]}), blob, "auto"),
+        ("binary_data_output not a boolean", body(parameters={"binary_data_output": "yes"}), blob, "auto"),
+        ("output binary_data not a boolean", body(outputs=[{"name": "label", "parameters": {"binary_data": 1}}]),
+         blob, "auto"),
+        ("output parameters a string", body(outputs=[{"name": "label", "parameters": "x"}]), blob, "auto"),
+        ("classification extension", body(outputs=[{"name": "label", "parameters": {"classification": 2}}]),
+         blob, "auto"),
+        ("shared memory extension", {"inputs": [{**one, "parameters": {"shared_memory_region": "r"}}]}, b"", "auto"),
+        ("input parameters a list", {"inputs": [{**one, "parameters": [len(blob)]}]}, blob, "auto"),
+        ("binary_data_size negative", {"inputs": [{**one, "parameters": {"binary_data_size": -1}}]}, blob, "auto"),
+        ("binary_data_size a string", {"inputs": [{**one, "parameters": {"binary_data_size": "1024"}}]}, blob, "auto"),
+        ("binary_data_size and data", {"inputs": [{**one, "data": [0.0] * 128}]}, blob, "auto"),
+        ("binary_data_size short of the bytes", body(), blob + b"\0" * 4, "auto"),
+        ("bytes short of binary_data_size", body(), blob[:-4], "auto"),
+        ("binary_data_size not the shape's", {"inputs": [{**one, "shape": [1, 64]}]}, blob, "auto"),
+        ("header length past the body", body(), blob, 10**6),
+        ("header length zero", body(), blob, 0),
+        ("header length not a number", body(), blob, "12a"),
+        ("header length cuts the JSON", body(), blob, 10),
+        ("no header length", body(), blob, None),
+    ]
+    for kind, header, data, length in cases:
+        response = raw_infer(deployed, header, data, length=length)
+        assert response.status_code == 400, f"{kind}: {response.status_code} {response.text}"
+        assert response.json()["error"], kind
+    ok = raw_infer(deployed, body(id="raw-1", parameters={"binary_data_output": True, "note": "x"}), blob)
+    assert ok.status_code == 200, ok.text
+    length = int(ok.headers["Inference-Header-Content-Length"])
+    header = json.loads(ok.content[:length])
+    assert header["id"] == "raw-1" and [o["parameters"]["binary_data_size"] for o in header["outputs"]] == [80, 16]
+    labels = np.frombuffer(ok.content[length + 80:], dtype="<i8")
+    np.testing.assert_array_equal(labels, trained.expected[:2])
+
+
+def test_model_names_and_versions_outside_ascii_are_4xx(deployed):
+    """Path parameters are any text a URL can spell: a name or version the registry cannot hold is
+    a 404 (or 400), never a 5xx. (Found by the schemathesis test below.)"""
+    body = infer_body(np.zeros((1, 64), np.float32))
+    cases = [
+        ("POST", f"{deployed.base_url}/v2/models/%C3%8Dr/infer"),  # "Ír"
+        ("POST", f"{deployed.base_url}/v2/models/d%C3%AFgits/versions/1/infer"),
+        ("GET", f"{deployed.base_url}/v2/models/%C3%8Dr"),
+        ("GET", f"{deployed.endpoint}/versions/%C2%B2"),  # "²": str.isdigit() holds, int() refuses it
+        ("GET", f"{deployed.endpoint}/versions/%C2%B2/ready"),
+        ("POST", f"{deployed.endpoint}/versions/%C2%B2/infer"),
+    ]
+    answers = {}
+    for method, url in cases:
+        response = requests.request(method, url, json=body if method == "POST" else None,
+                                    headers=auth(deployed.api_key), timeout=30)
+        answers[f"{method} {url.removeprefix(deployed.base_url)}"] = (response.status_code, response.text[:160])
+    assert all(400 <= status < 500 for status, _ in answers.values()), answers
+
+
+# -- what the server lists and documents -----------------------------------------------------------
+
+
+def test_model_list_repository_index_and_server_metadata(deployed, v2):
+    assert {MODEL, "other_digits"} <= set(v2.models())
+    assert requests.get(f"{deployed.base_url}/v2/models", timeout=10).status_code == 401
+    for body in (None, {}, {"ready": True}):
+        response = requests.post(f"{deployed.base_url}/v2/repository/index", json=body,
+                                 headers=auth(deployed.api_key), timeout=10)
+        assert response.status_code == 200, response.text
+        index = {(entry["name"], entry["version"]): entry for entry in response.json()}
+        assert {(MODEL, "1"), (MODEL, "2"), ("other_digits", "1")} <= set(index)
+        assert {entry["state"] for entry in index.values()} == {"READY"}
+        assert index[(MODEL, "1")]["reason"] == "routed"
+    server = v2.server_metadata()
+    assert server == {"name": "orchestrator", "version": project_version(), "extensions": ["binary_tensor_data"]}
+    assert server["version"] != "unknown"
+
+
+INFER_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+
+
+def test_openapi_documents_bearer_keys_and_both_infer_bodies(deployed):
+    document = requests.get(f"{deployed.base_url}/openapi.json", timeout=10).json()
+    bearer = document["components"]["securitySchemes"]["bearer"]
+    assert (bearer["type"], bearer["scheme"]) == ("http", "bearer") and "Authorization: Bearer" in bearer["description"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            keyed = path not in ("/v2", "/v2/health/live", "/v2/health/ready")
+            assert (operation.get("security") == [{"bearer": []}]) == keyed, f"{method} {path}"
+            if keyed:
+                assert {"401", "403"} <= set(operation["responses"]), f"{method} {path}"
+    for path in INFER_PATHS:
+        operation = document["paths"][path]["post"]
+        content = operation["requestBody"]["content"]
+        assert set(content) == {"application/json", "application/octet-stream"}
+        assert set(content["application/json"]["schema"]["properties"]) >= {"id", "inputs", "outputs", "parameters"}
+        assert "Inference-Header-Content-Length" in [p["name"] for p in operation["parameters"]]
+        assert set(operation["responses"]["200"]["content"]) == {"application/json", "application/octet-stream"}
+    metadata = document["paths"]["/v2/models/{name}"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert metadata["schema"] == {"$ref": "#/components/schemas/ModelMetadataResponse"}
+    assert {"name", "platform", "inputs", "outputs"} <= set(document["components"]["schemas"]
+                                                            ["ModelMetadataResponse"]["properties"])
+    assert requests.get(f"{deployed.base_url}/docs", timeout=10).status_code == 200
+
+
+# -- a schema-driven fuzzer: schemathesis on the served /openapi.json --------------------------------
+
+
+def signature_document(document: Dict[str, Any], metadata: Dict[str, Any], refs: Sequence[str]) -> Dict[str, Any]:
+    """The served OpenAPI document narrowed to bodies that fit `metadata`'s one [-1, F] input and to
+    path parameters that exist (model names, version `refs`), so the fuzzer also reaches the model."""
+    narrowed = copy.deepcopy(document)
+    (tensor,) = metadata["inputs"]
+    features = tensor["shape"][1]
+    for operations in narrowed["paths"].values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path":
+                    names = [metadata["name"], "other_digits"] if parameter["name"] == "name" else list(refs)
+                    parameter["schema"] = {"type": "string", "enum": names}
+    for path in INFER_PATHS:
+        operation = narrowed["paths"][path]["post"]
+        operation["parameters"] = [p for p in operation["parameters"] if p["in"] == "path"]
+        content = operation["requestBody"]["content"]
+        body = content["application/json"]["schema"]
+        operation["requestBody"]["content"] = {"application/json": content["application/json"]}
+        body["properties"]["inputs"].update(minItems=1, maxItems=1)
+        item = body["properties"]["inputs"]["items"]
+        item["required"] = ["name", "shape", "datatype", "data"]
+        item["properties"].update(
+            name={"const": tensor["name"]}, shape={"enum": [[1, features], [features], [1, 1, 8, 8]]},
+            datatype={"enum": ["FP32", "FP16", "FP64", "BF16"]},
+            data={"type": "array", "minItems": features, "maxItems": features,
+                  "items": {"type": "number", "minimum": -4, "maximum": 4}},
+        )
+        outputs = body["properties"]["outputs"]["anyOf"][0]["items"]
+        outputs["properties"]["name"] = {"enum": [o["name"] for o in metadata["outputs"]]}
+    return narrowed
+
+
+def fuzz(schema, modes: Sequence[str], *, base_url: str, key: str, examples: int) -> SimpleNamespace:
+    """Send `examples` cases per operation of `schema` and generation mode ("positive", "negative")
+    with `key`, checking each answer with schemathesis's not_a_server_error; the statuses seen and
+    the failures, as data."""
+    tally = SimpleNamespace(statuses=Counter(), failures=[], unsendable=0, not_json=[])
+    with requests.Session() as session:
+        for result in schema.get_all_operations():
+            for mode in modes:
+                strategy = result.ok().as_strategy(generation_mode=GenerationMode(mode))
+                send = given(case=strategy)(lambda case: _send(case, session, base_url, auth(key), tally))
+                try:
+                    settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])(send)()
+                except Unsatisfiable:  # negative mode with nothing to make invalid (no parameters, no body)
+                    pass
+    return tally
+
+
+def _send(case, session: requests.Session, base_url: str, headers: Dict[str, str], tally: SimpleNamespace) -> None:
+    label = case.operation.label
+    try:
+        response = case.call(base_url=base_url, session=session, headers=headers, timeout=30)
+    except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, UnicodeError):
+        tally.unsendable += 1  # requests refuses to send it: nothing reached the server
+        return
+    tally.statuses[(label, response.status_code)] += 1
+    try:
+        case.validate_response(response, checks=[not_a_server_error])
+    except FailureGroup as err:  # what the check found, kept with the request that caused it
+        tally.failures.append(f"{case.as_curl_command(headers=headers)}\n -> {response.status_code} "
+                              f"{response.text[:300]}\n {err}")
+    if response.status_code >= 400 and not _is_error_body(response):
+        tally.not_json.append(f"{label} {response.status_code} {response.text[:200]!r}")
+
+
+def _is_error_body(response: requests.Response) -> bool:
+    try:
+        return isinstance(response.json()["error"], str)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+@pytest.mark.slow
+def test_schemathesis_on_the_served_openapi_finds_no_5xx(deployed, keys):
+    """Every route of /openapi.json, path parameters included, fuzzed with an infer-only key (admin
+    routes answer 403, so the rollout state other tests rely on stays as it is)."""
+    url = f"{deployed.base_url}/openapi.json"
+    started = time.monotonic()
+    served = schemathesis.openapi.from_url(url, timeout=10)
+    operations = {op.ok().label for op in served.get_all_operations()}
+    assert len(operations) == 15 and "POST /v2/models/{name}/infer" in operations, operations
+    free = fuzz(served, ["positive", "negative"], base_url=deployed.base_url,
+                key=keys.infer, examples=25)
+    metadata = requests.get(deployed.endpoint, headers=auth(keys.infer), timeout=10).json()
+    narrowed = schemathesis.openapi.from_dict(
+        signature_document(requests.get(url, timeout=10).json(), metadata, ["1", "2", "production", "latest", "9"]))
+    fitted = fuzz(narrowed, ["positive"], base_url=deployed.base_url, key=keys.infer, examples=30)
+    elapsed = time.monotonic() - started
+
+    assert not free.failures + fitted.failures, "\n\n".join(free.failures + fitted.failures)
+    statuses = free.statuses + fitted.statuses
+    assert {label for label, _ in statuses} == operations, "every operation was sent requests"
+    assert sum(statuses.values()) > 600 and free.unsendable < sum(free.statuses.values()) / 10
+    assert not free.not_json + fitted.not_json, "\n".join(free.not_json + fitted.not_json)
+    # Admin routes answer the infer-only key 403, whatever else is wrong with the request.
+    assert {status for (label, status) in statuses if "/admin/" in label} <= {401, 403, 404, 405}
+    # The narrowed document makes bodies that fit the model: the fuzzer reached it, not only the parser.
+    model_answers = sum(n for (label, status), n in fitted.statuses.items() if "infer" in label and status == 200)
+    assert model_answers >= 20, fitted.statuses
+    assert sum(n for (label, status), n in free.statuses.items() if status == 200) >= 50, free.statuses
+    assert elapsed < 90, f"the fuzzer took {elapsed:.0f} s"
+    print(f"schemathesis: {sum(statuses.values())} requests in {elapsed:.1f} s; statuses {dict(statuses)}")
+
+
 def test_replicas_share_one_weights_copy(deployed):
-    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP).options(
-        multiplexed_model_id=model_id(MODEL, 1)
-    )
+    handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=APP)
     infos = {}
-    for _ in range(
-        5
-    ):  # bursts of held calls: the router keeps a model's calls on a replica that has it until it is full
-        for response in [handle.weights_info.remote(hold_s=3.0) for _ in range(40)]:
+    for _ in range(5):  # bursts of held calls reach both replicas
+        for response in [handle.weights_info.remote(MODEL, 1, hold_s=1.0) for _ in range(40)]:
             info = response.result(timeout_s=60)
             infos[info["replica"]] = info
         if len(infos) == 2:

@@ -19,7 +19,7 @@ from orchestrator.config import LimitsConfig, ModelConfig, PipelineConfig, Rollo
 from orchestrator.registry import ModelRegistry
 from orchestrator.training.models import build_model
 from serve.deploy import run_deploy
-from serve.names import MODEL_DEPLOYMENT, model_id
+from serve.names import INGRESS_DEPLOYMENT
 from tests.integration.serving_support import (
     INPUT_SHAPE,
     MODEL,
@@ -97,17 +97,17 @@ def rollout_job(app, *args: str) -> dict:
 
 
 def replicas(app, version: int) -> dict:
-    """{replica id: weights_info} of the model replicas, for version `version` (loads it where missing)."""
-    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app.cfg.serve.app_name)
+    """{replica id: weights_info} of the serving replicas, for version `version` (loads it where missing)."""
+    handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=app.cfg.serve.app_name)
     infos = {}
     for _ in range(40):
-        info = handle.options(multiplexed_model_id=model_id(MODEL, version)).weights_info.remote().result(timeout_s=30)
+        info = handle.weights_info.remote(MODEL, version).result(timeout_s=30)
         infos[info["replica"]] = info
     return infos
 
 
 def test_canary_split_90_10(app):
-    status = rollout_job(app, "start", "2", "--percent", "10")
+    status = rollout_job(app, "start", f"models:/{MODEL}/2", "--percent", "10")  # any reference form names it
     assert status["stable"] == 1 and status["candidate"] == 2 and status["percent"] == 10
     responses = hammer(lambda i: infer(app, i), 400)
     assert [r.status_code for r in responses].count(200) == 400
@@ -117,12 +117,15 @@ def test_canary_split_90_10(app):
     assert 19 <= counts["2"] <= 61, counts
 
 
-def _under_load(app, action: str, total: int = 320, after: int = 100) -> tuple:
+def _under_load(app, action: str, total: int = 320, after: int = 100, late: int = 120) -> tuple:
     """`total` infer requests from 8 clients; POST the admin `action` once `after` have been answered.
-    Returns ([(sent_at, response)], acted_at)."""
+    The last `late` requests wait until every replica has synced the change (3 sync rounds after
+    it), however fast the others were answered. Returns ([(sent_at, response)], acted_at)."""
     done, acted_at = [0], [float("inf")]
 
     def send(i):
+        while i >= total - late and time.monotonic() < acted_at[0] + 3 * SYNC_S:
+            time.sleep(0.01)
         started = time.monotonic()
         response = infer(app, i)
         done[0] += 1

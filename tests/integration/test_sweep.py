@@ -1,7 +1,9 @@
 """Ray Tune over Ray Train on a real local Ray: ASHA stops weak trials, the best is registered."""
 
+import io
 import os
 
+import matplotlib.image
 import pytest
 
 from orchestrator.config import (
@@ -17,6 +19,7 @@ from orchestrator.config import (
 )
 from orchestrator.flows import register_sweep
 from orchestrator.registry import ModelRegistry
+from orchestrator.registry.curves import CURVES_FILE
 from orchestrator.training.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -60,6 +63,10 @@ def test_best_trial_is_accurate_and_registered(sweep_and_root):
     assert loaded.manifest["lineage"]["trial_id"] == sweep.best_trial_id
     assert loaded.manifest["config"]["train"]["lr"] == sweep.best_overrides["train.lr"]
     assert loaded.metrics["val_accuracy"] == pytest.approx(sweep.best.metrics["val_accuracy"])
+    # Its training curves were drawn at registration, checksummed like any version file.
+    curves = registry.read_file(cfg.registry.model_name, version.version, CURVES_FILE)
+    image = matplotlib.image.imread(io.BytesIO(curves), format="png")
+    assert image.ndim == 3 and image.shape[2] == 4 and image[..., :3].min() < 0.5
 
 
 def test_plot_written_beside_results(sweep_and_root):

@@ -36,7 +36,7 @@ def stdlib(ray_cluster, tmp_path_factory):
 
 
 def _rows(info: DatasetInfo, split: str) -> Dict[str, np.ndarray]:
-    batches = list(ray_datasets(info)[split].iter_batches(batch_size=None, batch_format="numpy"))
+    batches = list(ray_datasets(info, [split])[split].iter_batches(batch_size=None, batch_format="numpy"))
     return {c: np.concatenate([b[c] for b in batches]) for c in ("tokens", "nbytes")}
 
 

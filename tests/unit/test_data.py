@@ -1,4 +1,5 @@
-"""Driver-side datasets: a source becomes a deterministic, disjoint train/val split on the storage root."""
+"""Driver-side datasets: a source becomes a deterministic, disjoint, stratified train/val/test split on the
+storage root."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.config import DataConfig
-from orchestrator.training.data import load_split, prepare_dataset
+from orchestrator.training.data import SPLITS, load_split, prepare_dataset, split_rows
 
 DIGITS_ROWS = 1797
 
@@ -32,24 +33,61 @@ def digits(tmp_path_factory):
 
 def test_prepare_digits_writes_split_and_info(digits):
     folder = _local(digits.url)
-    assert sorted(p.name for p in folder.iterdir()) == ["info.json", "train.parquet", "val.parquet"]
+    assert sorted(p.name for p in folder.iterdir()) == ["info.json", "test.parquet", "train.parquet", "val.parquet"]
     assert json.loads((folder / "info.json").read_text())["digest"] == digits.digest
-    assert digits.num_train + digits.num_val == DIGITS_ROWS
-    assert digits.num_val == round(DIGITS_ROWS * 0.2)
+    assert (digits.num_train, digits.num_val, digits.num_test) == (1258, 359, 180)  # 70/20/10 of 1,797 rows
     assert (digits.num_classes, digits.input_shape, digits.num_features) == (10, [1, 8, 8], 64)
 
 
 def test_loaded_splits_match_info_and_are_disjoint(digits):
-    x_train, y_train = load_split(digits, "train")
-    x_val, y_val = load_split(digits, "val")
+    splits = {split: load_split(digits, split) for split in SPLITS}
+    sizes = {"train": digits.num_train, "val": digits.num_val, "test": digits.num_test}
+    for split, (x, y) in splits.items():
+        assert x.shape == (sizes[split], 64) and len(y) == sizes[split]
+        assert (x.dtype, y.dtype) == (np.float32, np.int64)
+        assert x.min() >= 0.0 and x.max() <= 1.0
+        assert set(np.unique(y)) == set(range(10))  # stratified: every class in every split
+    rows = {split: _rows(x) for split, (x, _) in splits.items()}
+    # digits has no duplicate images, so a shared row is a leak
+    assert not rows["train"] & rows["val"] and not rows["train"] & rows["test"] and not rows["val"] & rows["test"]
+    assert len(rows["train"] | rows["val"] | rows["test"]) == DIGITS_ROWS
 
-    assert x_train.shape == (digits.num_train, 64) and x_val.shape == (digits.num_val, 64)
-    assert (x_train.dtype, y_train.dtype) == (np.float32, np.int64)
-    assert len(y_train) == digits.num_train and len(y_val) == digits.num_val
-    assert not _rows(x_train) & _rows(x_val)  # digits has no duplicate images, so a shared row is a leak
-    assert len(_rows(x_train) | _rows(x_val)) == DIGITS_ROWS
-    assert x_train.min() >= 0.0 and x_train.max() <= 1.0 and x_val.max() <= 1.0
-    assert set(np.unique(y_train)) == set(range(10))
+
+def test_held_out_splits_keep_each_class_share(digits):
+    y_all = np.concatenate([load_split(digits, split)[1] for split in SPLITS])
+    share = np.bincount(y_all) / len(y_all)
+    for split in ("val", "test"):
+        y = load_split(digits, split)[1]
+        assert np.abs(np.bincount(y, minlength=10) / len(y) - share).max() < 0.01  # a random split strays ~3 points
+
+
+def test_split_rows_is_seeded_disjoint_and_sized_exactly():
+    labels = np.repeat(np.arange(3), [50, 30, 20])  # unbalanced classes
+    first = split_rows(labels, 0.2, 0.1, seed=7)
+    assert {k: len(v) for k, v in first.items()} == {"test": 10, "val": 20, "train": 70}
+    assert sorted(np.concatenate(list(first.values())).tolist()) == list(range(100))
+    assert {k: np.bincount(labels[v]).tolist() for k, v in first.items()} == {
+        "test": [5, 3, 2], "val": [10, 6, 4], "train": [35, 21, 14]}
+    again = split_rows(labels, 0.2, 0.1, seed=7)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    other = split_rows(labels, 0.2, 0.1, seed=8)
+    assert not np.array_equal(first["test"], other["test"])
+
+
+def test_a_class_too_small_to_share_stays_in_train():
+    labels = np.array([0] * 40 + [1])  # one row of class 1
+    splits = split_rows(labels, 0.2, 0.1, seed=0)
+    assert 40 in splits["train"]
+
+
+def test_fractions_that_leave_no_training_row_raise_naming_the_fields():
+    with pytest.raises(ValueError, match=r"data\.val_fraction 0.5 and data\.test_fraction 0.4 leave no training"):
+        split_rows(np.zeros(3, dtype=np.int64), 0.5, 0.4, seed=0)
+
+
+def test_test_fraction_changes_the_digest_and_the_split(digits, tmp_path):
+    wider = prepare_dataset(DataConfig(source="digits", input_shape=[1, 8, 8], test_fraction=0.2), tmp_path.as_uri())
+    assert wider.digest != digits.digest and wider.num_test == round(DIGITS_ROWS * 0.2)
 
 
 def test_split_is_deterministic_and_follows_split_seed(digits, tmp_path):
@@ -79,7 +117,7 @@ def test_synthetic_source(tmp_path):
     info = prepare_dataset(cfg, tmp_path.as_uri())
     x_val, y_val = load_split(info, "val")
 
-    assert (info.num_train, info.num_val, info.num_classes, info.input_shape) == (150, 50, 3, [5])
+    assert (info.num_train, info.num_val, info.num_test, info.num_classes, info.input_shape) == (130, 50, 20, 3, [5])
     assert x_val.shape == (50, 5) and set(np.unique(y_val)) <= {0, 1, 2}
 
 
@@ -87,7 +125,7 @@ def _assert_pairs_kept(info, features: np.ndarray, labels: np.ndarray) -> None:
     """Every loaded row is a source row carrying its own label, and every source row appears once."""
     label_of = {row.tobytes(): label for row, label in zip(features, labels)}
     seen = []
-    for split in ("train", "val"):
+    for split in SPLITS:
         x, y = load_split(info, split)
         seen += [row.tobytes() for row in x]
         assert [label_of[row.tobytes()] for row in x] == y.tolist()
@@ -114,7 +152,7 @@ def test_user_parquet_with_named_feature_and_label_columns(tmp_path):
         4,
         [3],
     )
-    assert info.num_train + info.num_val == 60
+    assert info.num_train + info.num_val + info.num_test == 60
     _assert_pairs_kept(info, x, y)
 
 

@@ -112,9 +112,10 @@ def test_token_auth_and_secrets(export):
     manifests, _ = export("export.token_auth=false")
     spec = manifests["rayservice"]["spec"]["rayClusterConfig"]
     assert spec["authOptions"] == {"mode": "disabled"}
-    assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] == [
-        {"name": "RAY_AUTH_MODE", "value": "disabled"}
-    ]
+    env = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_AUTH_MODE", "value": "disabled"} in env
+    # Every node starts with Serve's fast path on (HAProxy straight to the replicas).
+    assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in env
 
 
 def _break(path, value):
