@@ -142,5 +142,5 @@ class RolloutController:
     def _persist(self, model: str, route: Route) -> None:
         # Promotion and rollback move the deploy alias too, so the next deploy starts where this one is.
         ref = self._default_ref
-        if not ref.isdigit() and ref != "latest":
+        if not (ref.isascii() and ref.isdigit()) and ref != "latest":
             self._registry.set_alias(model, ref, route.stable)

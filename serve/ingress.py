@@ -246,10 +246,14 @@ class V2Ingress:
 
     @staticmethod
     def _served_headers(name: str, served: Optional[int]) -> Dict[str, str]:
-        return {"X-Model-Name": name, **({"X-Model-Version": str(served)} if served is not None else {})}
+        # Only a name that resolved to a version is echoed: a client's raw path segment may hold
+        # characters no HTTP header can carry.
+        return {} if served is None else {"X-Model-Name": name, "X-Model-Version": str(served)}
 
     def _record(self, name: str, served: Optional[int], status: int, latency_ms: float) -> None:
-        self._metrics.record(name, served, status, latency_ms)
+        # Requests that named no servable version share one series: a client's made-up names must not
+        # become metric tags (Ray refuses non-ASCII tags, and each would be a new series).
+        self._metrics.record(name if served is not None else "unknown", served, status, latency_ms)
         if served is not None and status not in (401, 403):
             # Client mistakes say nothing about a version; 5xx (and 504 timeouts) count against it.
             if status < 400 or status >= 500:
@@ -275,7 +279,8 @@ class V2Ingress:
     async def _parse(self, request: Request, signature: Dict[str, Any]) -> InferRequest:
         limits = self._cfg.limits
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_body_bytes:  # refused before reading it
+        # Refused before reading it (ASCII digits only: int() reads other digits differently or not at all).
+        if declared.isascii() and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise BadRequest(413, f"body of {declared} bytes is larger than "
                                   f"serve.limits.max_body_bytes={limits.max_body_bytes}")
         return parse_infer_request(
@@ -312,7 +317,7 @@ class V2Ingress:
     async def _resolve(self, name: str, ref: str) -> Tuple[int, Dict[str, Any]]:
         # Numbers never change meaning; an alias is trusted for one sync interval.
         cached = self._aliases.get((name, ref))
-        if ref.isdigit() and model_id(name, int(ref)) in self._signatures:
+        if ref.isascii() and ref.isdigit() and model_id(name, int(ref)) in self._signatures:
             return int(ref), self._signatures[model_id(name, int(ref))]
         if cached is None or cached[1] < time.monotonic():
             found = from_answer(await self._controller.resolve.remote(name, ref))

@@ -35,12 +35,12 @@ class ModelRef:
     @property
     def version(self) -> Optional[int]:
         """The version number, when the reference names one (not an alias or 'latest')."""
-        return int(self.selector) if self.selector.isdigit() else None
+        return int(self.selector) if _is_number(self.selector) else None
 
     def __str__(self) -> str:
         if self.model is None:
             return self.selector
-        by_number = self.selector.isdigit() or self.selector == LATEST
+        by_number = _is_number(self.selector) or self.selector == LATEST
         return f"{SCHEME}{self.model}{'/' if by_number else '@'}{self.selector}"
 
 
@@ -87,13 +87,18 @@ def _split_once(text: str, *separators: str) -> Tuple[Optional[str], str, str]:
 
 
 def _check_selector(text: str, selector: str, sep: str) -> None:
-    if sep in ("/", ":") and not (selector.isdigit() or selector == LATEST):
+    if sep in ("/", ":") and not (_is_number(selector) or selector == LATEST):
         _fail(text, f"after '{sep}' comes a version number or 'latest'; an alias follows '@'")
-    if sep == "@" and selector.isdigit():
+    if sep == "@" and _is_number(selector):
         _fail(text, "after '@' comes an alias; a version number follows ':' (or '/' in models:/)")
-    if not (selector.isdigit() or is_identifier(selector)):
+    if not (_is_number(selector) or is_identifier(selector)):
         _fail(text, f"invalid version or alias {selector!r}")
 
 
 def _fail(text: str, why: str) -> NoReturn:
     raise ValueError(f"bad model reference {text!r}: {why} (forms: {FORMS})")
+
+
+def _is_number(text: str) -> bool:
+    # ASCII only: str.isdigit() holds for "²" and "١", which int() refuses or reads as another number.
+    return text.isascii() and text.isdigit()

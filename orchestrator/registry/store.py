@@ -212,7 +212,7 @@ class ModelRegistry:
     def set_alias(self, model: str, alias: str, version: Union[int, str]) -> None:
         """Point `alias` at a version (or at what another alias points to)."""
         _check_name(alias, "alias")
-        if alias.isdigit() or alias == "latest":
+        if (alias.isascii() and alias.isdigit()) or alias == "latest":
             raise RegistryError(f"alias {alias!r} is reserved: numbers are versions and 'latest' is the newest")
         number = self.resolve(model, version)
         # Compare-and-swap in a retry loop: an alias another writer sets meanwhile is kept.
@@ -270,7 +270,7 @@ class ModelRegistry:
         ref = str(ref)
         if ref == "latest":
             return versions[-1]
-        number = int(ref) if ref.isdigit() else self.aliases(model).get(ref)
+        number = int(ref) if ref.isascii() and ref.isdigit() else self.aliases(model).get(ref)
         if number is None:
             raise RegistryError(f"model {model!r} has no alias {ref!r} (aliases: {sorted(self.aliases(model))})")
         if number not in versions:
@@ -350,7 +350,7 @@ class ModelRegistry:
         if not fs.exists(path):
             return []
         names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-        return sorted(int(n) for n in names if n.isdigit())
+        return sorted(int(n) for n in names if n.isascii() and n.isdigit())
 
     def _claim_next_version(self, model: str) -> Tuple[int, str]:
         """The next free number and its folder, claimed by creating its claim.json: create-only

@@ -132,11 +132,16 @@ class RunFollower:
     """The val metrics an epoch line carries."""
     planned: int = 0
     """Epochs of a single run, for its `epoch n/planned` lines."""
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    """When the block began: a run's elapsed time counts from here (its workers' start included)."""
     tallies: Dict[str, RunTally] = dataclasses.field(default_factory=dict)
+
+    def _tally(self, label: str) -> RunTally:
+        return self.tallies.setdefault(label, RunTally(started=self.started))
 
     def show(self, event: Dict[str, Any]) -> None:
         label = event["run"]
-        tally = self.tallies.setdefault(label, RunTally())
+        tally = self._tally(label)
         report = event.get("report", {})
         if "epoch" in report:
             tally.add(report, self.metric, self.mode)
@@ -147,7 +152,7 @@ class RunFollower:
 
     def finished(self, label: str) -> None:
         """The one-line summary of the single run `label`, once its fit() has returned."""
-        tally = self.tallies.setdefault(label, RunTally())
+        tally = self._tally(label)
         tally.elapsed = time.monotonic() - tally.started
         say(f"[{label}] done: {tally.summary(self.metric, self.planned)}")
 

@@ -26,6 +26,8 @@ from orchestrator.training.loop import run_train
 from orchestrator.training.sweep import SweepResult
 from orchestrator.training.tasks import get_task
 
+pytestmark = pytest.mark.slow  # two real training runs, about a minute
+
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
