@@ -23,7 +23,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from jobs._entry import Option, Tool, root_option
-from orchestrator.config import EncryptionConfig, StorageConfig
+from orchestrator.config import EncryptionConfig, StorageConfig, flatten
 from orchestrator.config.schema import TASK_HEADLINE
 from orchestrator.registry import ModelRegistry, ModelVersion, RegistryError, storage
 from orchestrator.registry.curves import CURVES_FILE
@@ -201,18 +201,6 @@ def changed(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     flat_a, flat_b = flatten(a), flatten(b)
     return {k: {"a": flat_a.get(k), "b": flat_b.get(k)} for k in sorted(set(flat_a) | set(flat_b))
             if flat_a.get(k) != flat_b.get(k)}
-
-
-def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """{"train.lr": 0.01, ...} of a nested dict; lists stay whole values."""
-    out: Dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def diff_text(d: Row) -> str:

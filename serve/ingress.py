@@ -321,7 +321,7 @@ class V2Ingress:
             return int(ref), self._signatures[model_id(name, int(ref))]
         if cached is None or cached[1] < time.monotonic():
             found = from_answer(await self._controller.resolve.remote(name, ref))
-            self._signatures[model_id(name, found["version"])] = found["signature"]
+            self._signatures.setdefault(model_id(name, found["version"]), found["signature"])
             cached = (found["version"], time.monotonic() + self._cfg.rollout.sync_interval_s)
             self._aliases[(name, ref)] = cached
         return cached[0], self._signatures[model_id(name, cached[0])]
@@ -333,7 +333,10 @@ class V2Ingress:
 
     def _apply(self, snapshot: Dict[str, Any]) -> None:
         self._routes = {m: Route(**r) for m, r in snapshot["routes"].items()}
-        self._signatures.update(snapshot["signatures"])
+        # A version's signature never changes: keep the object already held, so the protocol's
+        # per-signature compilation (cached by identity) is done once, not after every sync.
+        for mid, signature in snapshot["signatures"].items():
+            self._signatures.setdefault(mid, signature)
 
     def _ensure_sync(self) -> None:
         if self._sync_task is None or self._sync_task.done():

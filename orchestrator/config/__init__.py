@@ -8,7 +8,7 @@
 Importing this package loads neither torch nor Ray (tests/unit/test_config.py checks it).
 """
 
-from orchestrator.config.build import register_configs, to_config, to_dict
+from orchestrator.config.build import flatten, register_configs, to_config, to_dict
 from orchestrator.config.schema import (
     EXPORT_KINDS,
     HEAD,
@@ -65,6 +65,7 @@ from orchestrator.config.schema import (
 from orchestrator.config.validation import builtin_stage_names, check_schedule, phase_count, validate
 
 __all__ = [
+    "flatten",
     "EXPORT_KINDS", "HEAD", "OPTIMIZE_METHODS",
     "AuthConfig", "CompareConfig", "DataConfig", "DistillConfig", "EncryptionConfig", "ExportConfig", "LimitsConfig",
     "ModelConfig",

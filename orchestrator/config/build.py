@@ -94,3 +94,15 @@ def _unknown_key_message(err: OmegaConfBaseException) -> str:
     where = f"{parent} has" if parent else "the top-level keys are"
     known = [f.name for f in dataclasses.fields(err.object_type)] if dataclasses.is_dataclass(err.object_type) else []
     return f"{key} is not a config key: {where} {', '.join(known)}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Dotted overrides of a nested dict: {'train': {'lr': 0.1}} -> {'train.lr': 0.1}. Lists stay
+    whole values; an empty dict adds no key."""
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

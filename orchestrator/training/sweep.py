@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from orchestrator.config import PipelineConfig, iter_search_space, to_config
+from orchestrator.config import PipelineConfig, flatten, iter_search_space, to_config
 from orchestrator.registry import storage
 from orchestrator.training.checkpoints import is_complete
 from orchestrator.training.data import DatasetInfo, prepare_dataset, ray_datasets
@@ -72,17 +72,6 @@ def to_tune_space(space: Dict[str, Any]) -> Dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = samplers[spec[0]](list(spec[1:]))
-    return out
-
-
-def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}"""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
     return out
 
 

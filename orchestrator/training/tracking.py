@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from orchestrator.config import TrackingBackend, TrackingConfig
+from orchestrator.config import TrackingBackend, TrackingConfig, flatten
 from orchestrator.registry import storage
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,6 @@ def _quoted(value: str) -> str:
 def _param_batches(config: Dict[str, Any]) -> List[list]:
     """The config as MLflow params ('train.lr' -> '0.01'), in batches MLflow accepts."""
     from mlflow.entities import Param
-
-    from orchestrator.training.sweep import flatten  # imported here: sweep imports the training loop
 
     params = []
     for key, value in sorted(flatten(config).items()):
