@@ -12,9 +12,9 @@ Before each point one request is checked: 200, and the same label from every ser
 point the script also reads the CPU time of the server process(es), of the proxy in front (HAProxy
 or Serve's proxy actor), of wrk and of the whole machine, per request.
 
-- **fastapi**: one uvicorn process (`torch.set_num_threads(1)`, access log off) doing the same JSON in
-  and out work with the project's own `parse_infer_request` / `encode_infer_response`, the model run
-  inline in the handler. Measured with no Ray running.
+- **fastapi**: one uvicorn process (`torch.set_num_threads(1)`, access log off, the weights copied into
+  its own memory) doing the same JSON in and out work with the project's own `parse_infer_request` /
+  `encode_infer_response`, the model run inline in the handler. Measured with no Ray running.
 - **ours**: `orchestrator.flows.connected` + `serve.deploy.run_deploy` (API key on, routing through the
   route table, the model run in the replica that parsed the request). Each Serve configuration runs in
   a child process of this script with its environment set, since Serve reads its flags when Ray
@@ -78,7 +78,7 @@ LUA = textwrap.dedent("""
 """)
 
 FASTAPI_APP = textwrap.dedent("""
-    import sys, torch, uvicorn
+    import sys, numpy as np, torch, uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from orchestrator.registry import ModelRegistry
@@ -90,6 +90,8 @@ FASTAPI_APP = textwrap.dedent("""
     models = {}
     for name in names:
         version, arrays = ModelRegistry(root).load(name, 1)
+        # In the process's own memory, as a plain server's torch.load leaves them.
+        arrays = {key: np.array(value) for key, value in arrays.items()}
         models[name] = (build_servable(version.manifest, arrays), version.signature)
     app = FastAPI()
 
