@@ -3,7 +3,7 @@
 
 from jobs._entry import Summary, hydra_job
 from orchestrator.config import PipelineConfig
-from orchestrator.training.compare import compare_schedules, run_compare
+from orchestrator.training.compare import compare_variants, run_compare
 
 
 def run(cfg: PipelineConfig) -> Summary:
@@ -12,8 +12,8 @@ def run(cfg: PipelineConfig) -> Summary:
     return {"compare": result.url, "rows": result.rows}
 
 
-# A schedule that cannot run on this model fails in compare_schedules, before Ray starts.
-main = hydra_job(run, check=compare_schedules)
+# A schedule that cannot run on this model fails in compare_variants, before Ray starts.
+main = hydra_job(run, check=compare_variants)
 
 if __name__ == "__main__":
     main()

@@ -62,7 +62,7 @@ from orchestrator.config.schema import (
     iter_search_space,
     require,
 )
-from orchestrator.config.validation import builtin_stage_names, check_schedule, phase_count, validate
+from orchestrator.config.validation import builtin_stage_names, check_schedule, phase_count, unfrozen_stages, validate
 
 __all__ = [
     "flatten",
@@ -77,5 +77,6 @@ __all__ = [
     "ParallelStrategy", "PipelineSchedule", "PromoteMode", "QuantBackend", "ScheduleKind", "TrackingBackend",
     "TrackingMode", "TuneScheduler",
     "builtin_stage_names", "check_schedule", "is_identifier", "iter_search_space", "phase_count", "register_configs",
+    "unfrozen_stages",
     "require", "to_config", "to_dict", "validate",
 ]

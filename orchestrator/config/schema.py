@@ -46,6 +46,13 @@ class BuiltinModel(Choice):
     mlp = "mlp"
     cnn = "cnn"
     gpt = "gpt"
+    hf = "hf"
+
+
+class Pooling(Choice):
+    mean = "mean"
+    cls = "cls"
+    pooler = "pooler"
 
 
 class TaskKind(Choice):
@@ -56,6 +63,7 @@ class TaskKind(Choice):
 class DataKind(Choice):
     tabular = "tabular"
     text = "text"
+    labeled_text = "labeled_text"
 
 
 class TokenizerKind(Choice):
@@ -92,6 +100,7 @@ class ScheduleKind(Choice):
     end_to_end = "end_to_end"
     layerwise = "layerwise"
     gradual_unfreeze = "gradual_unfreeze"
+    linear_probe = "linear_probe"
     custom = "custom"
 
 
@@ -189,13 +198,23 @@ class TaskConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     kind: DataKind = DataKind.tabular
-    """'tabular' (feature rows and an integer label) or 'text' (documents tokenized into fixed-length blocks)."""
+    """'tabular' (feature rows and an integer label), 'text' (documents tokenized into fixed-length blocks) or
+    'labeled_text' (texts with a class label, tokenized for a pretrained encoder: one row of `context` ids each)."""
     source: str = "digits"
     """tabular: 'digits' (scikit-learn's bundled handwritten digits), 'synthetic', or a Parquet URL (fsspec).
     text: 'stdlib' (the Python standard library's source on the machine running the job, tests excluded),
-    a file, folder or glob of text files (fsspec, local or s3://), or a Parquet table with `text_column`."""
+    a file, folder or glob of text files (fsspec, local or s3://), or a Parquet table with `text_column`.
+    labeled_text: 'spam_assassin' (6,046 SpamAssassin emails, ham or spam, installed by scripts/setup.sh) or a
+    Parquet URL with `text_column` and `label_column`."""
     text_column: str = "text"
-    """text: column holding the documents when `source` is a Parquet table."""
+    """text and labeled_text: column holding the documents when `source` is a Parquet table."""
+    tokenizer_path: str = ""
+    """labeled_text: a Hugging Face model folder whose tokenizer.json encodes the texts; '' is the installed
+    all-MiniLM-L6-v2 (as model.path)."""
+    max_train_rows: int = 0
+    """labeled_text: keep a seeded, stratified subset of this many train rows (0: all)."""
+    max_val_rows: int = 0
+    """labeled_text: keep a seeded, stratified subset of this many val rows (0: all); test is always whole."""
     file_pattern: str = "*.py"
     """text: files taken when `source` is a folder (or 'stdlib')."""
     max_files: int = 0
@@ -207,7 +226,8 @@ class DataConfig:
     vocab_size: int = 4096
     """text, bpe: vocabulary size of the trained tokenizer (special tokens included)."""
     context: int = 128
-    """text: tokens per training block (the model sees `context` tokens and predicts the next of each)."""
+    """text: tokens per training block (the model sees `context` tokens and predicts the next of each).
+    labeled_text: tokens per row, special tokens included (longer texts are truncated, shorter ones padded)."""
     test_fraction: float = 0.1
     """Fraction held out for the test split: tabular rows (seeded, stratified by label) or text documents
     (by file). Promotion and the compression gate compare on it; nothing selects on it."""
@@ -215,7 +235,8 @@ class DataConfig:
     """Parquet columns holding features; empty means every column except `label_column`.
     A single list-typed column is also accepted."""
     label_column: str = "label"
-    """Parquet column holding the integer class label."""
+    """Parquet column holding the integer class label (labeled_text: integers, or strings mapped to their
+    sorted class names)."""
     input_shape: List[int] = field(default_factory=list)
     """Shape of one sample as the model sees it (e.g. [1, 8, 8]); empty means the source's own:
     [1, 8, 8] for digits, flat features otherwise."""
@@ -235,11 +256,13 @@ class DataConfig:
         self.kind = _choice(self.kind, "data.kind", DataKind)
         self.tokenizer = _choice(self.tokenizer, "data.tokenizer", TokenizerKind)
         require(bool(self.source), "data.source",
-                "must be 'digits', 'synthetic', 'stdlib' or a URL, got an empty value")
+                "must be 'digits', 'synthetic', 'stdlib', 'spam_assassin' or a URL, got an empty value")
         require(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         require(0.0 < self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
                 "data.test_fraction", f"must be in (0, 1) and leave training data, got {self.test_fraction}")
         require(self.max_files >= 0, "data.max_files", f"must be >= 0, got {self.max_files}")
+        require(self.max_train_rows >= 0, "data.max_train_rows", f"must be >= 0, got {self.max_train_rows}")
+        require(self.max_val_rows >= 0, "data.max_val_rows", f"must be >= 0, got {self.max_val_rows}")
         require(self.repeat >= 1, "data.repeat", f"must be >= 1, got {self.repeat}")
         require(self.vocab_size >= 260, "data.vocab_size",
                 f"must be >= 260 (bytes and special tokens), got {self.vocab_size}")
@@ -253,7 +276,8 @@ class DataConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: BuiltinModel = BuiltinModel.mlp
-    """Built-in architecture: 'mlp', 'cnn' or 'gpt' (decoder-only transformer). Ignored when `_target_` is set."""
+    """Built-in architecture: 'mlp', 'cnn', 'gpt' (decoder-only transformer) or 'hf' (a transformers encoder
+    classifying token ids). Ignored when `_target_` is set."""
     _target_: Optional[str] = None
     """Import path of a user model (a torch.nn.Sequential-like class or factory); called with `kwargs`
     plus `in_features`, `input_shape` and `num_classes` where its signature accepts them."""
@@ -262,7 +286,7 @@ class ModelConfig:
     channels: List[int] = field(default_factory=lambda: [16, 32])
     """CNN: output channels of each convolutional stage."""
     dropout: float = 0.0
-    """Dropout after each stage."""
+    """Dropout after each stage (hf: before the head's Linear; the encoder keeps its config's dropouts)."""
     layers: int = 4
     """GPT: transformer blocks (each one stage)."""
     heads: int = 4
@@ -276,12 +300,22 @@ class ModelConfig:
     tie_embeddings: bool = True
     """GPT: the head reuses the token embedding matrix."""
     activation_checkpointing: bool = False
-    """GPT: recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute)."""
+    """GPT and hf: recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more
+    compute)."""
+    path: str = ""
+    """hf: a local transformers model folder (config.json, *.safetensors); '' is the installed all-MiniLM-L6-v2."""
+    from_scratch: bool = False
+    """hf: the folder's architecture with random weights instead of its pretrained ones."""
+    pooling: Pooling = Pooling.mean
+    """hf: how the head pools a sequence: 'mean' over real tokens, 'cls' (first token) or the model's 'pooler'."""
+    hf_config: Dict[str, Any] = field(default_factory=dict)
+    """hf: the folder's config.json contents; when set, the architecture comes from it and no file is read."""
     kwargs: Dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for a `_target_` model."""
 
     def __post_init__(self) -> None:
         self.name = _choice(self.name, "model.name", BuiltinModel)
+        self.pooling = _choice(self.pooling, "model.pooling", Pooling)
         if self._target_ is not None:
             require("." in self._target_, "model._target_",
                     f"must be an import path like 'pkg.module.Class', got {self._target_!r}")
@@ -344,7 +378,8 @@ class ScheduleConfig:
     kind: ScheduleKind = ScheduleKind.end_to_end
     """'end_to_end' (one phase, everything trainable), 'layerwise' (greedy: phase k trains stage k with an
     auxiliary head, the stages below frozen; then an optional joint fine-tune), 'gradual_unfreeze' (the head on
-    a frozen body, then stages unfrozen from the top down) or 'custom' (`phases` as written)."""
+    a frozen body, then stages unfrozen from the top down), 'linear_probe' (one phase: the head alone on the frozen
+    body) or 'custom' (`phases` as written)."""
     phase_epochs: List[int] = field(default_factory=list)
     """Epochs of each phase (its length must match the phase count); empty splits train.epochs evenly, the
     remainder going to the last phases. Sweep phase boundaries with e.g. [choice,[2,2,8],[4,4,4]]."""
@@ -355,8 +390,19 @@ class ScheduleConfig:
     lr_decay: float = 1.0
     """Per-stage learning-rate decay going down from the head: a stage d stages below the head trains at
     lr * lr_decay**d (gradual_unfreeze, and the layerwise fine-tune). 1.0 means no decay."""
+    head_lr_scale: float = 1.0
+    """Learning rate of the head (and of auxiliary heads) as a multiple of what the schedule gives it: a fresh
+    head on a pretrained body usually trains at 10-100x the body's rate."""
+    unfreeze_depth: int = 0
+    """gradual_unfreeze: stop once this many stages (counted from the top) are unfrozen; 0 unfreezes every
+    stage. A pretrained transformer keeps its lower layers frozen: unfreeze_depth=3 trains the head, then the
+    top 1, 2 and 3 layers (4 phases)."""
     cache_frozen: bool = True
     """Compute a frozen prefix's outputs once per phase and train the phase on them (same results, less compute)."""
+    cache_max_mb: float = 4096.0
+    """Largest frozen-prefix cache (MB per worker: rows x the prefix's output per row) a phase keeps; a phase
+    whose cache would be larger recomputes its prefix every batch instead (a transformer layer's output is
+    context x (width + 1) x 4 bytes per row)."""
     phases: List[PhaseConfig] = field(default_factory=list)
     """kind=custom: the phases, in order."""
 
@@ -366,6 +412,9 @@ class ScheduleConfig:
                 f"must all be >= 1, got {self.phase_epochs}")
         require(self.finetune_lr_scale > 0, "schedule.finetune_lr_scale", f"must be > 0, got {self.finetune_lr_scale}")
         require(0 < self.lr_decay <= 1, "schedule.lr_decay", f"must be in (0, 1], got {self.lr_decay}")
+        require(self.head_lr_scale > 0, "schedule.head_lr_scale", f"must be > 0, got {self.head_lr_scale}")
+        require(self.unfreeze_depth >= 0, "schedule.unfreeze_depth", f"must be >= 0, got {self.unfreeze_depth}")
+        require(self.cache_max_mb >= 0, "schedule.cache_max_mb", f"must be >= 0, got {self.cache_max_mb}")
         require((self.kind == ScheduleKind.custom) == bool(self.phases), "schedule.phases",
                 "must be given exactly when schedule.kind=custom")
 
@@ -379,11 +428,19 @@ class CompareConfig:
     """Schedule kinds to compare; the configured `schedule` supplies the settings of its own kind."""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     """train.seed of each repetition (weights and data order; the split stays fixed)."""
+    schedule_settings: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """ScheduleConfig fields per schedule kind other than the configured one, e.g.
+    {gradual_unfreeze: {unfreeze_depth: 3, lr_decay: 0.8}} (the configured `schedule` keeps its own)."""
+    from_scratch: bool = False
+    """Also run end_to_end on the same architecture with random weights (model.from_scratch=true; model=hf):
+    the row 'end_to_end_scratch', what pretraining is worth."""
 
     def __post_init__(self) -> None:
         require(len(self.schedules) >= 1, "compare.schedules", "must name at least one schedule")
         self.schedules = [_choice(kind, "compare.schedules", ScheduleKind) for kind in self.schedules]
         require(len(self.seeds) >= 1, "compare.seeds", "must list at least one seed")
+        unknown = sorted(set(self.schedule_settings) - {k.value for k in ScheduleKind})
+        require(not unknown, "compare.schedule_settings", f"names unknown schedule kinds {unknown}")
 
 
 @dataclass(kw_only=True)
@@ -565,7 +622,10 @@ class RolloutConfig:
     max_error_rate: float = 0.05
     """Share of the candidate's requests that may fail (5xx or timeout) in the window."""
     max_p99_ms: float = 2000.0
-    """p99 latency (ms) the candidate may reach in the window."""
+    """p99 latency (ms) a classifier candidate may reach in the window."""
+    max_p99_ttft_ms: float = 2000.0
+    """p99 time to first token (ms) a language-model candidate may reach in the window (its completions,
+    and its v2 infer passes, which are one prefill each)."""
     min_requests: int = 20
     """Candidate requests in the window before it is judged at all."""
     window_s: float = 60.0
@@ -577,9 +637,31 @@ class RolloutConfig:
         require(0.0 <= self.max_error_rate <= 1.0, "serve.rollout.max_error_rate",
                 f"must be in [0, 1], got {self.max_error_rate}")
         require(self.max_p99_ms > 0, "serve.rollout.max_p99_ms", f"must be > 0, got {self.max_p99_ms}")
+        require(self.max_p99_ttft_ms > 0, "serve.rollout.max_p99_ttft_ms", f"must be > 0, got {self.max_p99_ttft_ms}")
         require(self.min_requests >= 1, "serve.rollout.min_requests", f"must be >= 1, got {self.min_requests}")
         require(self.window_s > 0, "serve.rollout.window_s", f"must be > 0, got {self.window_s}")
         require(self.sync_interval_s > 0, "serve.rollout.sync_interval_s", f"must be > 0, got {self.sync_interval_s}")
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    max_running_sequences: int = 32
+    """Sequences one replica decodes at once per language-model version (the engine's KV-cache slots)."""
+    max_waiting_sequences: int = 64
+    """Sequences that may wait for a slot per replica and version; more are answered 429 with Retry-After."""
+    max_prompt_tokens: int = 0
+    """Longest prompt accepted, in tokens (BOS included); 0 means the model's context."""
+    max_tokens_limit: int = 0
+    """Largest max_tokens one request may ask for; 0 means the model's context."""
+    default_max_tokens: int = 16
+    """Tokens generated per sequence when a request gives no max_tokens (OpenAI's default)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_running_sequences", "max_waiting_sequences", "default_max_tokens"):
+            require(getattr(self, name) >= 1, f"serve.generation.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_prompt_tokens", "max_tokens_limit"):
+            require(getattr(self, name) >= 0, f"serve.generation.{name}",
+                    f"must be >= 0 (0: the model's context), got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -626,6 +708,8 @@ class ServeConfig:
     """Request size, time and queue limits."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Canary judging and automatic rollback."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Language models (/v1/completions): sequences per replica, prompt and completion length limits."""
     write_config: str = ""
     """jobs.deploy: write a Serve config file (for `serve run` / `serve deploy`) to this path and exit
     instead of deploying."""

@@ -10,7 +10,7 @@ whose stages are known only once they are built.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 from orchestrator.config.schema import (
     HEAD,
@@ -51,9 +51,16 @@ def check_task(cfg: PipelineConfig) -> None:
         require(cfg.model.name == BuiltinModel.gpt or bool(cfg.model._target_), "model.name",
                 f"must be 'gpt' (or a _target_ model) for task.name=causal_lm, got {cfg.model.name}")
     else:
-        require(not text, "data.kind", f"must be 'tabular' for task.name={task} (text needs task=causal_lm)")
+        require(not text, "data.kind",
+                f"must be 'tabular' or 'labeled_text' for task.name={task} (text needs task=causal_lm)")
         require(cfg.model.name != BuiltinModel.gpt or bool(cfg.model._target_), "model.name",
                 f"gpt is a language model: it needs task=causal_lm, not task.name={task}")
+    if cfg.model.name == BuiltinModel.hf and not cfg.model._target_:
+        require(cfg.data.kind == DataKind.labeled_text, "data.kind",
+                f"must be 'labeled_text' for model.name=hf (token ids of labelled text), got {cfg.data.kind}")
+        positions = int(hf_architecture(cfg.model).get("max_position_embeddings", cfg.data.context))
+        require(cfg.data.context <= positions, "data.context",
+                f"must be <= the backbone's max_position_embeddings ({positions}), got {cfg.data.context}")
     if cfg.model.name == BuiltinModel.gpt and not cfg.model._target_:
         require(cfg.data.context <= cfg.model.context, "data.context",
                 f"must be <= model.context ({cfg.model.context}), got {cfg.data.context}")
@@ -126,7 +133,17 @@ def builtin_stage_names(model: ModelConfig) -> List[str]:
         return [f"conv{i}" for i in range(len(model.channels))] + ["dense"]
     if model.name == "gpt":
         return ["embed"] + [f"block{i}" for i in range(model.layers)]
+    if model.name == "hf":
+        return ["embed"] + [f"layer{i}" for i in range(int(hf_architecture(model)["num_hidden_layers"]))]
     return [f"block{i}" for i in range(len(model.hidden))]
+
+
+def hf_architecture(model: ModelConfig) -> Dict[str, Any]:
+    """The transformers config of a model.name=hf model: model.hf_config, else the folder's config.json (read
+    here, before Ray starts, so a wrong model.path fails first)."""
+    from orchestrator.training.hf import hf_config_dict  # reads JSON only: transformers is not imported
+
+    return dict(model.hf_config) or hf_config_dict(model.path)
 
 
 def phase_count(schedule: ScheduleConfig, stages: Sequence[str]) -> int:
@@ -136,8 +153,13 @@ def phase_count(schedule: ScheduleConfig, stages: Sequence[str]) -> int:
     if schedule.kind == ScheduleKind.layerwise:
         return len(stages) + int(schedule.finetune)
     if schedule.kind == ScheduleKind.gradual_unfreeze:
-        return len(stages) + 1  # the head alone, then one more stage unfrozen per phase
+        return unfrozen_stages(schedule, stages) + 1  # the head alone, then one more stage unfrozen per phase
     return 1
+
+
+def unfrozen_stages(schedule: ScheduleConfig, stages: Sequence[str]) -> int:
+    """How many stages gradual unfreezing ends with unfrozen (schedule.unfreeze_depth, at most every stage)."""
+    return min(schedule.unfreeze_depth or len(stages), len(stages))
 
 
 def check_schedule(schedule: ScheduleConfig, stages: Sequence[str], *, epochs: int) -> None:

@@ -395,6 +395,18 @@ def registry_for(cfg: PipelineConfig) -> ModelRegistry:
     return ModelRegistry(cfg.storage.root, encryption=cfg.registry.encryption)
 
 
+def text_signature_for(context: int, num_classes: int, class_names: List[str]) -> Dict[str, Any]:
+    """The signature of a text classifier: one string per row (BYTES), tokenized in the replica with the
+    version's own tokenizer.json to `context` ids (truncated, padded), as its training data was."""
+    return {
+        **signature_for([context], num_classes),
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "tokenizer": "tokenizer.json",
+        "context": context,
+        "class_names": list(class_names),
+    }
+
+
 def signature_for(input_shape: List[int], num_classes: int) -> Dict[str, Any]:
     """The input/output signature recorded in a manifest and served as v2 model metadata."""
     features = int(np.prod(input_shape))

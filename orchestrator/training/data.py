@@ -1,6 +1,7 @@
 """Datasets: a tabular source (digits | synthetic | Parquet URL) becomes a deterministic train/val/test
 split (seeded, stratified by label) written as Parquet under the storage root; a text source becomes
-train/val/test token blocks (orchestrator.training.text). Workers read both through Ray Data shards.
+train/val/test token blocks (orchestrator.training.text); a labelled text source becomes rows of token ids
+split like tabular data (orchestrator.training.labeled_text). Workers read them through Ray Data shards.
 
 Selection (best epoch, best trial, a fine-tune's best epoch) reads val; test is read once per registered
 version, for the manifest, promotion and the compression gate.
@@ -29,12 +30,12 @@ class DatasetInfo:
     """Where a prepared dataset lives and what it holds."""
 
     url: str
-    """Folder holding the splits (tabular: train.parquet, val.parquet, test.parquet; text: train/, val/, test/
-    folders, tokenizer.json) and info.json."""
+    """Folder holding the splits (tabular and labeled_text: train.parquet, val.parquet, test.parquet; text:
+    train/, val/, test/ folders; text and labeled_text: tokenizer.json) and info.json."""
     feature_columns: List[str]
     label_column: str
     input_shape: List[int]
-    """Shape of one sample as the model sees it (text: [context])."""
+    """Shape of one sample as the model sees it (text and labeled_text: [context])."""
     num_classes: int
     """Classes (text: the vocabulary size, the width of a language model's head)."""
     num_train: int
@@ -43,15 +44,17 @@ class DatasetInfo:
     digest: str
     """sha256 of the data and split parameters (the data's identity in lineage)."""
     kind: str = "tabular"
-    """'tabular' or 'text'."""
+    """'tabular', 'text' or 'labeled_text'."""
     num_test: int = 0
     """Rows of the test split (text: token blocks); 0 in datasets prepared before tabular data had one."""
     context: int = 0
-    """text: tokens a model sees per block; each row holds context + 1 tokens."""
+    """text: tokens a model sees per block; each row holds context + 1 tokens. labeled_text: ids per row."""
     vocab_size: int = 0
-    """text: ids of the tokenizer (<|pad|> = 0 and <|bos|> = 1 included)."""
+    """text: ids of the tokenizer (<|pad|> = 0 and <|bos|> = 1 included); labeled_text: the HF tokenizer's."""
     tokenizer: str = ""
-    """text: 'bpe' or 'bytes'; the tokenizer itself is at `tokenizer_url`."""
+    """text: 'bpe' or 'bytes'; labeled_text: 'hf'. The tokenizer itself is at `tokenizer_url`."""
+    class_names: List[str] = field(default_factory=list)
+    """labeled_text: the name of each class, indexed by label (e.g. ['ham', 'spam'])."""
     split_bytes: Dict[str, int] = field(default_factory=dict)
     """text: raw bytes of each split's documents, as written (train counts every repeat)."""
     split_tokens: Dict[str, int] = field(default_factory=dict)
@@ -79,7 +82,7 @@ class DatasetInfo:
         return storage.join(self.url, "tokenizer.json")
 
     def split_url(self, split: str) -> str:
-        """A split's Parquet: a file for tabular data, a folder of files for text."""
+        """A split's Parquet: a file for tabular and labelled text, a folder of files for text."""
         return storage.join(self.url, split if self.kind == DataKind.text else f"{split}.parquet")
 
     @property
@@ -90,12 +93,17 @@ class DatasetInfo:
 def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
     """Load `cfg.source`, split it, and write it under `<root>/datasets/` (once per digest).
 
-    Text (`cfg.kind == 'text'`) is tokenized in Ray Data (orchestrator.training.text.prepare_text).
+    Text (`cfg.kind == 'text'`) is tokenized in Ray Data (orchestrator.training.text.prepare_text); labelled
+    text on the driver (orchestrator.training.labeled_text.prepare_labeled_text).
     """
     if cfg.kind == DataKind.text:
         from orchestrator.training.text import prepare_text
 
         return prepare_text(cfg, root)
+    if cfg.kind == DataKind.labeled_text:
+        from orchestrator.training.labeled_text import prepare_labeled_text
+
+        return prepare_labeled_text(cfg, root)
     features, labels, columns, label_column = _load_source(cfg)
     input_shape = list(cfg.input_shape) or natural_shape(cfg.source, features.shape[1])
     if int(np.prod(input_shape)) != features.shape[1]:
@@ -127,14 +135,14 @@ def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
 
 
 def split_sizes(info: DatasetInfo) -> str:
-    """'train 1258, val 359, test 180 rows' (text: token blocks), for progress lines."""
+    """'train 1258, val 359, test 180 rows' (tabular and labeled_text; text: token blocks), for progress lines."""
     unit = "blocks" if info.kind == DataKind.text else "rows"
     return f"train {info.num_train}, val {info.num_val}, test {info.num_test} {unit}"
 
 
 def load_split(info: DatasetInfo, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """Read a split ('train', 'val' or 'test') into memory on the driver: (features float32 [N, F], labels
-    int64 [N]). Tabular data only."""
+    int64 [N]). Tabular and labelled text (F = context token ids) only."""
     import pyarrow.parquet as pq
 
     if info.kind == DataKind.text:
@@ -270,20 +278,26 @@ def split_rows(labels: np.ndarray, val_fraction: float, test_fraction: float, se
     holds each class in about its share of the data, with exact split sizes, and a class of one or two
     rows lands in train before any held-out split. Raises ValueError when no training row is left.
     """
-    rng = np.random.default_rng(seed)
     n = len(labels)
-    shuffled = rng.permutation(n)
-    position = np.empty(n)
-    for label in np.unique(labels):
-        members = shuffled[labels[shuffled] == label]
-        position[members] = (np.arange(len(members)) + 0.5) / len(members)
-    order = np.lexsort((rng.permutation(n), position))  # ties (equal class sizes) broken at random
+    order = stratified_order(labels, np.random.default_rng(seed))
     n_test, n_val = (max(1, int(round(n * f))) for f in (test_fraction, val_fraction))
     if n - n_test - n_val < 1:
         raise ValueError(f"data.val_fraction {val_fraction} and data.test_fraction {test_fraction} leave no "
                          f"training rows out of {n}")
     held = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
     return {split: np.sort(rows) for split, rows in held.items()}
+
+
+def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """All row indices in a seeded order where every prefix holds each class in about its share of the rows
+    (`split_rows`; the first k of it are a stratified sample of k rows)."""
+    n = len(labels)
+    shuffled = rng.permutation(n)
+    position = np.empty(n)
+    for label in np.unique(labels):
+        members = shuffled[labels[shuffled] == label]
+        position[members] = (np.arange(len(members)) + 0.5) / len(members)
+    return np.lexsort((rng.permutation(n), position))  # ties (equal class sizes) broken at random
 
 
 def _write_parquet(url: str, features: np.ndarray, labels: np.ndarray, columns: List[str], label: str) -> None:

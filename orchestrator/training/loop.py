@@ -163,6 +163,10 @@ class _Source:
         """Optimizer steps of one pass over this rank's training rows."""
         raise NotImplementedError
 
+    def train_rows(self) -> int:
+        """Training rows this rank holds (what a cached prefix would cover)."""
+        return 0
+
     def prepare(self, phase_model: PhaseModel, runner, cached: bool) -> int:
         """Run before a phase's epochs; returns the rows whose frozen prefix it computed (0: none)."""
         return 0
@@ -192,6 +196,9 @@ class _InMemory(_Source):
 
     def steps_per_epoch(self, accum):
         return max(1, len(self.train[1]) // self.batch // accum)
+
+    def train_rows(self):
+        return len(self.train[1])
 
     def prepare(self, phase_model, runner, cached):
         x, y = self.train
@@ -309,6 +316,8 @@ class _Run:
     phases: List[Phase]
     flops_per_token: Optional[float] = None
     peak: Optional[float] = None
+    cache_mb: float = 0.0
+    """MB of the current phase's cached frozen prefix on this worker (0: not cached)."""
 
     def total_steps(self) -> int:
         per_epoch = self.epoch_steps()
@@ -332,11 +341,18 @@ class _Run:
         # A frozen prefix is computed once per phase where the rows are held (tabular); streamed data runs it
         # per batch, outside autograd.
         cached = cfg.schedule.cache_frozen and bool(phase.frozen_prefix) and not self.source.rows_are_tokens
+        self.cache_mb = self._cache_mb(phase_model) if cached else 0.0
+        if self.cache_mb > cfg.schedule.cache_max_mb:  # too big to hold: recompute the prefix batch by batch
+            cached, self.cache_mb = False, 0.0
         prefix_rows = self.source.prepare(phase_model, runner, cached)
         if cached:
             add_cache_compute(self.resume.compute, phase, self.flops, self._global(prefix_rows, runner))
         for epoch in range(start, phase.end_epoch):
             self._epoch(phase, phase_model, runner, epoch, cached)
+
+    def _cache_mb(self, phase_model: PhaseModel) -> float:
+        """MB this worker's cache of the phase's frozen prefix would take."""
+        return self.source.train_rows() * phase_model.prefix_bytes_per_row() / 2**20
 
     def _epoch(self, phase: Phase, phase_model: PhaseModel, runner, epoch: int, cached: bool) -> None:
         cfg = self.cfg
@@ -391,6 +407,7 @@ class _Run:
             "epoch_time_s": time.perf_counter() - started,
             "train_time_s": train_time,
             "restored_epoch": self.resume.epoch,
+            "prefix_cache_mb": self.cache_mb,
             "steps": self.resume.steps,
             **self.resume.compute.as_metrics(),
             **self.tracker.run_reference(),  # rank 0's report names its tracking run for the driver

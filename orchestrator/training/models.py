@@ -67,6 +67,10 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
         from orchestrator.training.gpt import build_gpt  # gpt.py subclasses StagedModel: import it late
 
         return build_gpt(cfg, input_shape, vocab_size=num_classes)
+    if cfg.name == "hf":
+        from orchestrator.training.hf import build_hf  # likewise, and transformers loads only when asked for
+
+        return build_hf(cfg, input_shape, num_classes)
     return _mlp(cfg, input_shape, num_classes)
 
 

@@ -78,6 +78,19 @@ class PhaseModel:
             x = stage(x)
         return x
 
+    @torch.no_grad()
+    def prefix_bytes_per_row(self) -> int:
+        """Bytes one row's cached prefix output takes (fp32 features of the prefix's last stage)."""
+        # In eval mode: a stage's dropout in train mode would draw from the global RNG, and a cached run would
+        # then see other dropout masks than a recomputing one.
+        was_training = [stage.training for stage in self.prefix]
+        for stage in self.prefix:
+            stage.eval()
+        x = self.features(self.model.example_input(1))
+        for stage, mode in zip(self.prefix, was_training):
+            stage.train(mode)
+        return x[0].numel() * x.element_size()
+
     def cached_features(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """`features` of every row of `x`, computed once in eval mode, chunk by chunk."""
         for stage in self.prefix:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
-from orchestrator.config import HEAD, PhaseConfig, ScheduleConfig, ScheduleKind, check_schedule
+from orchestrator.config import HEAD, PhaseConfig, ScheduleConfig, ScheduleKind, check_schedule, unfrozen_stages
 
 AUX = "aux"
 
@@ -69,7 +69,8 @@ def expand_schedule(cfg: ScheduleConfig, stages: Sequence[str], *, epochs: int, 
     lengths = _phase_lengths(cfg, len(plans), epochs)
     phases, start = [], 0
     for index, ((name, path, trainable, output, rates), length) in enumerate(zip(plans, lengths)):
-        phase_lr = {module: lr * rates.get(module, 1.0) for module in trainable}
+        phase_lr = {module: lr * rates.get(module, 1.0) * (cfg.head_lr_scale if module in (HEAD, AUX) else 1.0)
+                    for module in trainable}
         phases.append(Phase(index=index, name=name, path=tuple(path), trainable=tuple(trainable), output=output,
                             first_epoch=start, epochs=length, lr=phase_lr))
         start += length
@@ -118,11 +119,16 @@ def _layerwise(cfg: ScheduleConfig, stages: List[str]) -> list:
 
 def _gradual_unfreeze(cfg: ScheduleConfig, stages: List[str]) -> list:
     plans: list = []
-    for unfrozen in range(len(stages) + 1):
+    for unfrozen in range(unfrozen_stages(cfg, stages) + 1):
         top = stages[len(stages) - unfrozen:]
         rates = _decayed(top, cfg.lr_decay)
         plans.append((f"unfreeze:{unfrozen}", stages, [*top, HEAD], HEAD, rates))
     return plans
+
+
+def _linear_probe(cfg: ScheduleConfig, stages: List[str]) -> list:
+    # Every stage frozen: the whole body is the prefix (computed once per phase when cached), the head trains.
+    return [("linear_probe", stages, [HEAD], HEAD, {})]
 
 
 def _custom(cfg: ScheduleConfig, stages: List[str]) -> list:
@@ -143,5 +149,6 @@ _PLANNERS = {
     ScheduleKind.end_to_end: _end_to_end,
     ScheduleKind.layerwise: _layerwise,
     ScheduleKind.gradual_unfreeze: _gradual_unfreeze,
+    ScheduleKind.linear_probe: _linear_probe,
     ScheduleKind.custom: _custom,
 }

@@ -102,8 +102,10 @@ class Classification(Task):
         return {f"{prefix}loss": loss_sum / max(count, 1.0), f"{prefix}accuracy": correct / max(count, 1.0)}
 
     def signature(self, info):
-        from orchestrator.registry.store import signature_for
+        from orchestrator.registry.store import signature_for, text_signature_for
 
+        if info.kind == "labeled_text":  # rows of token ids: the served input is the text itself
+            return text_signature_for(info.context, info.num_classes, info.class_names)
         return signature_for(info.input_shape, info.num_classes)
 
 

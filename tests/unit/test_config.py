@@ -34,7 +34,9 @@ REQUIRED = {
 }
 # Options that only make sense together with others (a language model on text), and those others.
 LANGUAGE_MODEL = ["task=causal_lm", "data=text", "model=gpt", "tune.metric=val_loss", "tune.mode=min"]
-COMPANIONS = {("data", "text"): LANGUAGE_MODEL, ("task", "causal_lm"): LANGUAGE_MODEL, ("model", "gpt"): LANGUAGE_MODEL}
+TEXT_CLASSIFIER = ["data=spam", "model=hf"]
+COMPANIONS = {("data", "text"): LANGUAGE_MODEL, ("task", "causal_lm"): LANGUAGE_MODEL, ("model", "gpt"): LANGUAGE_MODEL,
+              ("data", "spam"): TEXT_CLASSIFIER, ("model", "hf"): TEXT_CLASSIFIER}
 
 
 def _options():

@@ -59,6 +59,22 @@ def test_gradual_unfreeze_unfreezes_top_down_with_decayed_rates():
     assert phases[3].lr == pytest.approx({HEAD: 0.01, "block2": 0.005, "block1": 0.0025, "block0": 0.00125})
 
 
+def test_gradual_unfreeze_can_stop_at_a_depth_and_heads_train_faster():
+    phases = _phases("gradual_unfreeze", epochs=6, unfreeze_depth=2, lr_decay=0.5, head_lr_scale=10)
+    assert [p.trainable for p in phases] == [(HEAD,), ("block2", HEAD), ("block1", "block2", HEAD)]
+    assert [p.epochs for p in phases] == [2, 2, 2]
+    assert phases[2].frozen_prefix == ("block0",)  # the bottom stage never trains: it is computed once
+    assert phases[2].lr == pytest.approx({HEAD: 0.1, "block2": 0.005, "block1": 0.0025})
+    # A depth beyond the model's stages unfreezes every stage, no more.
+    assert len(_phases("gradual_unfreeze", unfreeze_depth=9)) == len(STAGES) + 1
+
+
+def test_linear_probe_trains_the_head_alone_on_the_whole_frozen_body():
+    (phase,) = _phases("linear_probe", head_lr_scale=3)
+    assert phase.trainable == (HEAD,) and phase.frozen_prefix == tuple(STAGES) and phase.suffix == ()
+    assert phase.lr == pytest.approx({HEAD: 0.03}) and phase.epochs == 12
+
+
 def test_epochs_split_evenly_with_the_remainder_last_or_as_given():
     assert [p.epochs for p in _phases("layerwise", epochs=10)] == [2, 2, 3, 3]
     assert [p.epochs for p in _phases("layerwise", phase_epochs=[1, 1, 2, 6])] == [1, 1, 2, 6]
