@@ -1,10 +1,12 @@
-"""The HTTP client of a running deployment: the Open Inference Protocol v2 over REST, numpy in and out.
+"""The HTTP client of a running deployment: the Open Inference Protocol v2 over REST, numpy in and out,
+and OpenAI-compatible text completions of its language models (whole, or streamed).
 
 `Client` makes the protocol's infer, metadata and health calls with the API key, over one persistent
 (keep-alive) connection per thread, with tensors in the binary tensor data extension (Triton/KServe:
 a JSON header, then each tensor's raw little-endian bytes) or in plain JSON. Within one deadline
-per call it retries a 503 (waiting what Retry-After says) and a refused or dropped connection;
-other errors raise `InferenceError` with the server's message. `http_json`, `wait_until_ready` and
+per call it retries a 503 (waiting what Retry-After says) and a refused or dropped connection (a
+completion also a 429: the model's queue was full); other errors raise `InferenceError` with the
+server's message. `http_json`, `wait_until_ready` and
 `check_endpoint` are the small calls the jobs and deploys make.
 
 Standard library and numpy only (no torch, no Ray): jobs that only talk to a running deployment,
@@ -22,7 +24,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 from urllib.parse import quote, urlsplit
 
 import numpy as np
@@ -266,9 +268,33 @@ class _Answer:
     status: int
     headers: Dict[str, str]
     body: bytes
+    stream: Optional[http.client.HTTPResponse] = None
+    """A streamed 200 answer's body, still unread (then `body` is empty)."""
 
     def parsed(self) -> Any:
         return _json_or_text(self.body)
+
+
+def _error_message(parsed: Any) -> str:
+    """The server's message in an error body: {"error": message} (v2) or {"error": {"message": ...}} (OpenAI)."""
+    if not isinstance(parsed, dict) or "error" not in parsed:
+        return str(parsed)
+    error = parsed["error"]
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error)
+
+
+def _server_sent_data(response: http.client.HTTPResponse) -> Iterator[str]:
+    """The data of each server-sent event of `response`, as it arrives (lines "data: ..." up to a blank line)."""
+    data: List[str] = []
+    while line := response.readline():
+        text = line.decode().rstrip("\r\n")
+        if text.startswith("data:"):
+            data.append(text[5:].removeprefix(" "))
+        elif not text and data:
+            yield "\n".join(data)
+            data = []
+    if data:
+        yield "\n".join(data)
 
 
 def _json_or_text(raw: bytes) -> Any:
@@ -366,6 +392,50 @@ class Client:
             id=header.get("id"), parameters=header.get("parameters") or {}, headers=answer.headers, response=header,
         )
 
+    # -- OpenAI-compatible completions (language models) --
+
+    def complete(self, model: str, prompt: Union[str, Sequence[str]], **params: Any) -> Dict[str, Any]:
+        """POST /v1/completions: `model` ("name", "name:7" or "name@alias") continuing `prompt` (a string,
+        or a list of them), with OpenAI's completion parameters (max_tokens, temperature, top_p, top_k,
+        stop, seed, n). The answer as OpenAI shapes it: {"choices": [{"text", "index", "finish_reason",
+        ...}], "usage": {...}, ...}. A 429 (the model's queue is full) is retried as a 503 is. Raises
+        InferenceError for any other non-2xx answer."""
+        answer = self._call("POST", "/v1/completions", _completion_body(model, prompt, params),
+                            {"Content-Type": "application/json"}, retry_busy=True)
+        return answer.parsed()
+
+    def stream_complete(self, model: str, prompt: Union[str, Sequence[str]], **params: Any) -> Iterator[str]:
+        """The text of a completion as it is generated (stream=true): each delta as its server-sent event
+        arrives (with n > 1 or several prompts, every choice's deltas in arrival order). Parameters, retries
+        and errors as `complete`; once the answer has begun, each event may take up to `timeout_s`, and an
+        error the server reports in the stream raises InferenceError. Stopping early closes the connection,
+        which ends the generation on the server."""
+        answer = self._call("POST", "/v1/completions", _completion_body(model, prompt, {**params, "stream": True}),
+                            {"Content-Type": "application/json", "Accept": "text/event-stream"},
+                            retry_busy=True, stream=True)
+        connection = self._connection()
+        response = answer.stream
+        if response is None or connection.sock is None:
+            raise InferenceError(answer.status, "the server answered without a stream", answer.parsed())
+        connection.sock.settimeout(self.timeout_s)
+        finished = False
+        try:
+            for data in _server_sent_data(response):
+                if data == "[DONE]":
+                    finished = True
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise InferenceError(answer.status, _error_message(event), event,
+                                         url=f"POST {self.base_url}/v1/completions (in the stream)")
+                yield from (choice["text"] for choice in event.get("choices", []) if choice.get("text"))
+            raise ConnectionError(f"POST {self.base_url}/v1/completions: the stream ended before [DONE]")
+        finally:
+            if finished:
+                response.read()  # the rest of the chunked body: the connection can serve the next call
+            if not finished or response.will_close:
+                connection.close()  # an unfinished answer must not be read as the next one's
+
     def server_metadata(self) -> Dict[str, Any]:
         """GET /v2: the server's name, version and extensions."""
         return self._call("GET", "/v2").parsed()
@@ -418,22 +488,24 @@ class Client:
 
     def _call(
         self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
-        *, ok_only: bool = True, retry_unavailable: bool = True,
+        *, ok_only: bool = True, retry_unavailable: bool = True, retry_busy: bool = False, stream: bool = False,
     ) -> _Answer:
-        """The answer to one request, retried as the class says within `timeout_s`. Raises
-        InferenceError for a non-2xx answer when `ok_only`, ConnectionError when no answer came."""
+        """The answer to one request, retried as the class says within `timeout_s` (`retry_busy`: a 429
+        too). With `stream`, a 200 answer's body is left unread (`_Answer.stream`). Raises InferenceError
+        for a non-2xx answer when `ok_only`, ConnectionError when no answer came."""
         url = f"{self.base_url}{path}"
         deadline = time.monotonic() + self.timeout_s
         for attempt in range(self.retries + 1):
             wait = self.backoff_s * 2 ** attempt
             try:
-                answer = self._exchange(method, path, body, headers or {}, deadline)
+                answer = self._exchange(method, path, body, headers or {}, deadline, stream)
             except _Dropped as err:
                 if attempt == self.retries or time.monotonic() + wait >= deadline:
                     raise ConnectionError(f"{method} {url}: no answer after {attempt + 1} tries: {err}") from err
                 time.sleep(wait)
                 continue
-            if answer.status == 503 and retry_unavailable and attempt < self.retries:
+            retryable = (answer.status == 503 and retry_unavailable) or (answer.status == 429 and retry_busy)
+            if retryable and attempt < self.retries:
                 asked = _retry_after_s(answer.headers)
                 wait = wait if asked is None else asked
                 if time.monotonic() + wait < deadline:
@@ -442,12 +514,12 @@ class Client:
             break
         if ok_only and not 200 <= answer.status < 300:
             parsed = answer.parsed()
-            message = parsed["error"] if isinstance(parsed, dict) and "error" in parsed else str(parsed)
-            raise InferenceError(answer.status, message, parsed, url=f"{method} {url}")
+            raise InferenceError(answer.status, _error_message(parsed), parsed, url=f"{method} {url}")
         return answer
 
     def _exchange(
         self, method: str, path: str, body: Optional[bytes], headers: Dict[str, str], deadline: float,
+        stream: bool = False,
     ) -> _Answer:
         """One request and its whole answer. Raises _Dropped when the connection fails, TimeoutError
         past `deadline`. A failure on a reused connection is tried once more on a fresh one: the
@@ -461,7 +533,8 @@ class Client:
             if remaining <= 0:
                 raise TimeoutError(late)
             try:
-                return connection.exchange(method, f"{self._prefix}{path}", {**headers, **auth}, body, remaining)
+                return connection.exchange(method, f"{self._prefix}{path}", {**headers, **auth}, body, remaining,
+                                           stream=stream)
             except TimeoutError:
                 connection.close()  # an answer may still come: it must not be read as the next one's
                 raise TimeoutError(late) from None
@@ -493,7 +566,9 @@ class _Connection:
 
     def exchange(
         self, method: str, target: str, headers: Dict[str, str], body: Optional[bytes], timeout_s: float,
+        *, stream: bool = False,
     ) -> _Answer:
+        """The answer to one request; with `stream`, a 200 answer's body is left for the caller to read."""
         if self.sock is None:
             self.sock = self._connect(timeout_s)
         self.sock.settimeout(timeout_s)
@@ -505,12 +580,17 @@ class _Connection:
         response = http.client.HTTPResponse(self.sock, method=method)
         try:
             response.begin()
+            headers = {name.lower(): value for name, value in response.getheaders()}
+            if stream and response.status == 200:
+                return _Answer(response.status, headers, b"", response)
             data = response.read()
-        finally:
-            response.close()  # its file only: the socket stays open for the next request
+        except BaseException:
+            response.close()
+            raise
+        response.close()  # its file only: the socket stays open for the next request
         if response.will_close:
             self.close()
-        return _Answer(response.status, {name.lower(): value for name, value in response.getheaders()}, data)
+        return _Answer(response.status, headers, data)
 
     def _connect(self, timeout_s: float) -> socket.socket:
         sock = socket.create_connection((self._host, self._port), timeout_s)
@@ -523,6 +603,11 @@ class _Connection:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def _completion_body(model: str, prompt: Union[str, Sequence[str]], params: Mapping[str, Any]) -> bytes:
+    return json.dumps({"model": model, "prompt": prompt if isinstance(prompt, str) else list(prompt),
+                       **params}).encode()
 
 
 def _model_path(model: str, version: Union[str, int, None]) -> str:
@@ -578,11 +663,16 @@ def wait_until_ready(base_url: str, timeout_s: float) -> None:
             time.sleep(0.25)
 
 
-def check_endpoint(deployment: Endpoint, features: np.ndarray) -> Dict[str, Any]:
-    """POST `features` (one row per sample) as FP32 input "input" to the deployment's infer route
-    with its key, in JSON; the parsed v2 response body. Raises RuntimeError (InferenceError) when
-    the endpoint answers anything but 2xx."""
-    rows = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+def check_endpoint(deployment: Endpoint, features: np.ndarray, input_name: str = "input") -> Dict[str, Any]:
+    """POST `features` (one row per sample) as input `input_name` to the deployment's infer route with its
+    key, in JSON: FP32 rows, or one BYTES string per row when `features` is an array of str or bytes (a text
+    classifier). The parsed v2 response body. Raises RuntimeError (InferenceError) when the endpoint answers
+    anything but 2xx."""
+    rows: np.ndarray
+    if np.asarray(features).dtype.kind in "OSU":
+        rows = np.asarray(features, dtype=object).reshape(len(features))
+    else:
+        rows = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
     base_url, model = deployment.endpoint.rsplit("/v2/models/", 1)
     with Client(base_url, api_key=deployment.api_key, binary=False) as client:
-        return client.infer(model, {"input": rows}, request_id="check_endpoint").response
+        return client.infer(model, {input_name: rows}, request_id="check_endpoint").response

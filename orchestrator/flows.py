@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 from orchestrator.client import check_endpoint
-from orchestrator.config import PipelineConfig, to_config, to_dict
+from orchestrator.config import BuiltinModel, PipelineConfig, to_config, to_dict
 from orchestrator.optimize.run import OptimizeResult, run_optimize
 from orchestrator.registry import promotion, storage
 from orchestrator.registry.curves import CURVES_FILE, training_curves_png
@@ -33,11 +34,15 @@ class PipelineResult:
     sweep: SweepResult
     version: ModelVersion
     deployment: Optional[DeployResult]
-    """The live endpoint; None for a task this build does not serve over HTTP (causal_lm)."""
+    """The live endpoint."""
     endpoint_accuracy: Optional[float]
-    """Accuracy of the labels the live endpoint returned for CHECK_ROWS val rows of the deployed version's data."""
+    """Classifiers: accuracy of the labels the live endpoint returned for CHECK_ROWS val rows of the deployed
+    version's data."""
     optimize: Optional[OptimizeResult] = None
     """The compressed variants of `version`, when `optimize.methods` named some."""
+    completion_check: Optional[Dict[str, Any]] = None
+    """Language models: the endpoint's greedy completion of a fixed prompt against the same generation run
+    in this process on the registry's weights."""
 
     def summary(self) -> Dict[str, Any]:
         """The job's final JSON line."""
@@ -48,12 +53,16 @@ class PipelineResult:
             **version_summary(self.version, task),
             "best_config": self.sweep.best_overrides,
         }
-        if self.deployment is not None:
+        if self.deployment is None:
+            out["endpoint"] = None
+        elif self.completion_check is not None:
+            out.update(endpoint=self.deployment.endpoint, openai_base_url=f"{self.deployment.base_url}/v1",
+                       api_key=self.deployment.api_key, deployed_version=self.deployment.version,
+                       endpoint_check=self.completion_check)
+        else:
             out.update(endpoint=self.deployment.endpoint, api_key=self.deployment.api_key,
                        deployed_version=self.deployment.version,
                        endpoint_check_accuracy=round(self.endpoint_accuracy or 0.0, 4))
-        else:
-            out["endpoint"] = None
         if self.optimize:
             out["variants"] = self.optimize.summary()["variants"]
         return out
@@ -115,7 +124,9 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
         if result.history:
             last = result.history[-1]
             metrics.update({k: last[k] for k in ("tokens_seen", "tokens_per_s", "mfu") if k in last})
+    if info.tokenizer:  # text in: the version carries the tokenizer its inputs must be encoded with
         files["tokenizer.json"] = storage.read_bytes(info.tokenizer_url)
+    cfg, backbone = _with_backbone(cfg)
     if result.history:  # the epochs the manifest records, drawn: `python -m jobs.registry show` names the file
         files[CURVES_FILE] = training_curves_png(result.history, task.name)
     decision = promotion.decide(registry, cfg.registry, task, metrics=metrics, data_digest=info.digest)
@@ -124,7 +135,8 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
         weights,
         metrics={**metrics, "history": result.history},
         config=to_dict(cfg),
-        lineage={**lineage, "checkpoint": result.checkpoint_path, "data_digest": info.digest, "data_url": info.url},
+        lineage={**lineage, **backbone, "checkpoint": result.checkpoint_path, "data_digest": info.digest,
+                 "data_url": info.url},
         signature=task.signature(info),
         files=files,
         promotion=decision.record(),
@@ -136,6 +148,19 @@ def register_run(cfg: PipelineConfig, result: TrainResult, lineage: Dict[str, An
     # The run's MLflow run (named in its reported epochs) learns which version it became.
     tag_registered_version(cfg.tracking, cfg.storage.root, result.history, f"{version.model}:{version.version}")
     return version
+
+
+def _with_backbone(cfg: PipelineConfig) -> Tuple[PipelineConfig, Dict[str, Any]]:
+    """For a Hugging Face model: `cfg` with the backbone's config.json recorded (model.hf_config), so the
+    version rebuilds without the folder, and the lineage naming the folder and its weights' sha256."""
+    if cfg.model.name != BuiltinModel.hf:
+        return cfg, {}
+    from orchestrator.training.hf import hf_config_dict, resolve_model_path, weights_digest
+
+    folder = resolve_model_path(cfg.model.path)
+    hf_config = cfg.model.hf_config or hf_config_dict(folder)
+    backbone = {"folder": folder, "weights_sha256": weights_digest(folder), "pretrained": not cfg.model.from_scratch}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=hf_config)), {"backbone": backbone}
 
 
 def register_sweep(cfg: PipelineConfig, sweep: SweepResult) -> ModelVersion:
@@ -155,11 +180,10 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     info = prepare_dataset(cfg.data, cfg.storage.root)
     sweep = run_sweep(cfg, info)
     version = register_sweep(cfg, sweep)
-    if cfg.task.name != "classification":
-        # Language models are registered (weights, tokenizer, test metrics); their HTTP endpoint is not built yet.
-        log.info("task %s: version %d registered; not deployed (no HTTP serving for this task yet)",
-                 cfg.task.name, version.version)
-        return PipelineResult(sweep=sweep, version=version, deployment=None, endpoint_accuracy=None)
+    if cfg.task.name == "causal_lm":  # served over OpenAI's completions API: checked with a greedy completion
+        deployment = run_deploy(cfg, str(serving_version(cfg, version)))
+        return PipelineResult(sweep=sweep, version=version, deployment=deployment, endpoint_accuracy=None,
+                              completion_check=_completion_check(cfg, deployment))
     # Optional: gated compressed variants of the new version, registered beside it (deploy by alias).
     optimized = run_optimize(cfg, str(version.version)) if cfg.optimize.methods else None
     deployment = run_deploy(cfg, str(serving_version(cfg, version)))
@@ -182,10 +206,47 @@ def _endpoint_accuracy(cfg: PipelineConfig, deployment: DeployResult, info: Data
     deployed = ModelRegistry(cfg.storage.root).get(deployment.model, deployment.version)
     if deployed.manifest.get("lineage", {}).get("data_digest") != info.digest:  # an older version on other data
         info = prepare_dataset(to_config(deployed.manifest["config"]).data, cfg.storage.root)
-    features, labels = load_split(info, "val")
-    answer = check_endpoint(deployment, features[:CHECK_ROWS])
+    if info.kind == "labeled_text":  # a text classifier takes the text itself (BYTES) and tokenizes it
+        from orchestrator.training.labeled_text import split_texts
+
+        texts, labels = split_texts(info, "val")
+        answer = check_endpoint(deployment, np.array(texts[:CHECK_ROWS], dtype=object), input_name="text")
+    else:
+        features, labels = load_split(info, "val")
+        answer = check_endpoint(deployment, features[:CHECK_ROWS])
     predicted = np.asarray(next(o for o in answer["outputs"] if o["name"] == "label")["data"])
     return float((predicted == labels[:CHECK_ROWS]).mean())
+
+
+CHECK_PROMPT = "def main():\n    "
+CHECK_TOKENS = 16
+
+
+def _completion_check(cfg: PipelineConfig, deployment: DeployResult) -> Dict[str, Any]:
+    """The live endpoint's greedy completion of CHECK_PROMPT (CHECK_TOKENS tokens) and the same greedy
+    generation run here on the deployed version's registry weights: they must be the same text. Raises
+    RuntimeError when they are not."""
+    from orchestrator.client import Client
+    from orchestrator.training.text import tokenizer_from_bytes
+    from serve.generation import full_recompute_greedy, load_gpt
+
+    registry = ModelRegistry(cfg.storage.root, encryption=cfg.registry.encryption)
+    version, arrays = registry.load(deployment.model, deployment.version)
+    tokenizer = tokenizer_from_bytes(registry.read_file(deployment.model, deployment.version, "tokenizer.json"))
+    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(CHECK_PROMPT)]
+    local = full_recompute_greedy(load_gpt(version.manifest, arrays), prompt_ids, CHECK_TOKENS)
+    expected = tokenizer.decode(local).decode("utf-8", "replace")
+    with Client(deployment.base_url, api_key=deployment.api_key) as client:
+        answer = client.complete(f"{deployment.model}:{deployment.version}", CHECK_PROMPT,
+                                 max_tokens=CHECK_TOKENS, temperature=0)
+        streamed = "".join(client.stream_complete(f"{deployment.model}:{deployment.version}", CHECK_PROMPT,
+                                                  max_tokens=CHECK_TOKENS, temperature=0))
+    served = answer["choices"][0]["text"]
+    if not served == streamed == expected:
+        raise RuntimeError(f"the endpoint's greedy completion {served!r} (streamed: {streamed!r}) differs from "
+                           f"the in-process one {expected!r}")
+    return {"prompt": CHECK_PROMPT, "completion": served, "greedy_matches_in_process": True, "stream_matches": True,
+            "completion_tokens": answer["usage"]["completion_tokens"]}
 
 
 def serve_until_interrupted(cfg: PipelineConfig, *, shutdown_timeout_s: float = 60.0) -> None:

@@ -1,4 +1,5 @@
-"""The Ray Serve application: registry models behind the Open Inference Protocol v2 (REST).
+"""The Ray Serve application: registry models behind the Open Inference Protocol v2 (REST), and language
+models behind OpenAI-compatible /v1/completions (server-sent-event streaming).
 
 The app is two deployments, and a request crosses one of them:
   V2Ingress          (ingress.py) the autoscaled serving replicas: FastAPI front (API keys, validation
@@ -24,5 +25,7 @@ The rest:
   rollout.py      routing table and rollback policy (pure)  metrics.py  Prometheus metrics per model and version
   calls.py        answers across handles, timeouts          errors.py   every error as JSON
   names.py        namespace, deployment names, model ids
+  openai.py       /v1 request parsing, answers, SSE chunks and OpenAI's error body (pure)
+  generation.py   a language model's engine: KV cache, continuous batching, sampling, stop strings
 A client of a running app (HTTP only, no Ray) is `orchestrator.client`.
 """

@@ -34,15 +34,9 @@ def build_app(cfg: PipelineConfig, ref: str) -> serve.Application:
     `cfg.registry.model_name` as the stable version; other registry models are served on demand.
 
     Needs a connected Ray. Raises RegistryError for an unknown model or ref, IntegrityError when
-    the registry files do not match their checksums, ValueError for a version of a task it cannot serve.
+    the registry files do not match their checksums.
     """
     version = ModelRegistry(cfg.storage.root).get(cfg.registry.model_name, ref)
-    task = version.signature.get("task", "classification")
-    if task != "classification":
-        raise ValueError(
-            f"{version.model} v{version.version} is a {task} model; this build serves classification versions "
-            "over the Open Inference Protocol, and has no HTTP endpoint for language models yet"
-        )
     return _bind(cfg, version, weights_ref(cfg.storage.root, version, cfg.registry.encryption))
 
 

@@ -2,6 +2,7 @@
 the admin actions, automatic rollback and the weights refs; ingress replicas sync with it."""
 
 import dataclasses
+import datetime as dt
 import logging
 import threading
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,6 +16,10 @@ from serve.calls import to_answer
 from serve.names import CONTROLLER_DEPLOYMENT, model_id
 from serve.rollout import RollbackPolicy, Route, RouteTable
 from serve.weights import weights_ref
+
+LANGUAGE_MODEL_TASK = "causal_lm"
+TOKENIZER_FILE = "tokenizer.json"
+"""The version file a language model's replicas build its tokenizer from."""
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,9 @@ class RolloutController:
         self._table = RouteTable(RollbackPolicy(rollout))
         self._versions: Dict[Tuple[str, int], ModelVersion] = {}
         self._weights: Dict[Tuple[str, int], ray.ObjectRef] = {}
+        self._tokenizers: Dict[Tuple[str, int], bytes] = {}
+        self._listed: Dict[Tuple[str, int], ModelVersion] = {}
+        """Manifests read for the index only (their weights not loaded)."""
         # Serve runs sync methods in a thread pool: one lock keeps each step whole.
         self._lock = threading.RLock()
         self._versions[(model, version)] = self._registry.get(model, version)
@@ -69,27 +77,40 @@ class RolloutController:
         return to_answer(find)
 
     def weights(self, model: str, version: int) -> Dict[str, Any]:
-        """{"ref", "manifest"} of a version, for a replica to build it (a ref in a dict stays a ref)."""
+        """{"ref", "manifest"} of a version, for a replica to build it (a ref in a dict stays a ref); a
+        version that takes text (a language model, a text classifier) also {"tokenizer": its tokenizer.json}."""
         mv = self._load(model, str(version))
-        return {"ref": self._weights[(model, mv.version)], "manifest": mv.manifest}
+        answer = {"ref": self._weights[(model, mv.version)], "manifest": mv.manifest}
+        if "tokenizer" in mv.signature:  # text in (a language model, a text classifier): its tokenizer too
+            answer["tokenizer"] = self._tokenizer(model, mv.version)
+        return answer
 
     def index(self) -> Dict[str, Any]:
-        """{"models": [{"name", "versions", "aliases", "serving"}]}: every registry model this app can serve."""
+        """{"models": [{"name", "versions", "aliases", "serving", "task", "created"}]}: every registry model
+        this app can serve; task and created (Unix seconds) are those of the version its unversioned
+        requests reach (the routed stable version, else the one the default alias or 'latest' names)."""
         def listing():
             with self._lock:
                 serving = {m: dataclasses.asdict(r) for m, r in self._table.routes.items()}
-            return {"models": [
-                {"name": m, "versions": [str(v) for v in self._registry.versions(m)],
-                 "aliases": {a: str(v) for a, v in self._registry.aliases(m).items()}, "serving": serving.get(m)}
-                for m in self._registry.models()
-            ]}
+            return {"models": [self._index_entry(m, serving.get(m)) for m in self._registry.models()]}
         return to_answer(listing)
+
+    def _index_entry(self, model: str, route: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        versions = self._registry.versions(model)
+        entry = {"name": model, "versions": [str(v) for v in versions], "serving": route,
+                 "aliases": {a: str(v) for a, v in self._registry.aliases(model).items()}, "task": None, "created": 0}
+        if versions:  # none yet while a model's first version is being written
+            listed = self._manifest(model, route["stable"] if route else self._default_version(model, versions))
+            created = dt.datetime.fromisoformat(listed.manifest["created_at"])
+            entry.update(task=listed.signature.get("task", "classification"), created=int(created.timestamp()))
+        return entry
 
     def start(self, model: str, ref: str, percent: float) -> Dict[str, Any]:
         def act():
-            version = self._load(model, ref).version
+            version = self._load(model, ref)
             with self._lock:
-                self._table.start(model, version, percent)
+                generator = version.signature.get("task") == LANGUAGE_MODEL_TASK
+                self._table.start(model, version.version, percent, generator=generator)
                 return self._table.status(model)
         return to_answer(act)
 
@@ -126,6 +147,26 @@ class RolloutController:
                 self._weights[(model, number)] = weights_ref(self._root, version, self._registry.encryption)
                 self._versions[(model, number)] = version
             return self._versions[(model, number)]
+
+    def _tokenizer(self, model: str, number: int) -> bytes:
+        with self._lock:
+            if (model, number) not in self._tokenizers:  # verified against the manifest, read once
+                self._tokenizers[(model, number)] = self._registry.read_file(model, number, TOKENIZER_FILE)
+            return self._tokenizers[(model, number)]
+
+    def _manifest(self, model: str, number: int) -> ModelVersion:
+        # A version never changes: its manifest is read once.
+        key = (model, number)
+        if key not in self._listed:
+            self._listed[key] = self._versions.get(key) or self._registry.get(model, number)
+        return self._listed[key]
+
+    def _default_version(self, model: str, versions: List[int]) -> int:
+        """The version `serve_model` would route `model` to (without routing it)."""
+        try:
+            return self._registry.resolve(model, self._default_ref)
+        except RegistryError:
+            return versions[-1]
 
     def _has_ref(self, model: str, ref: str) -> bool:
         try:

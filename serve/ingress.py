@@ -1,5 +1,5 @@
 """The serving replica: the HTTP front of every registry model (KServe Open Inference Protocol v2,
-REST, plus /admin), and the model itself.
+REST; OpenAI-compatible /v1/completions for language models; /admin), and the model itself.
 
 One hop: the replica that parses a request runs the model (an in-process cache of loaded versions,
 serve.models, built on the object-store weights, with adaptive batching). The rollout controller
@@ -7,6 +7,8 @@ stays off the request path: each replica syncs its routing table in the backgrou
 
 API keys, validation against the manifest's signature, limits (body size, timeout, queue), routing
 by name, version, alias and canary split, metrics; bad input is a 4xx JSON error, never a 5xx.
+Language models generate on the replica's engine (serve.generation, continuous batching); the /v1
+routes answer every error in OpenAI's error body (serve.openai).
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the ingress methods
@@ -19,9 +21,10 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import orjson
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -29,9 +32,32 @@ from orchestrator.config import ServeConfig
 from serve.auth import Authenticator, KeyStore
 from serve.calls import READY_TIMEOUT_S, awaited, from_answer, within
 from serve.errors import EXCEPTION_HANDLERS, error_response
-from serve.metrics import BatchMetrics, IngressMetrics
+from serve.generation import GenerationEngine
+from serve.metrics import BatchMetrics, GenerationMetrics, IngressMetrics
 from serve.models import LoadedModel, ModelCache
 from serve.names import INGRESS_DEPLOYMENT, model_id
+from serve.openai import (
+    ClientGone,
+    CompletionRequest,
+    OpenAIError,
+    Timing,
+    chat_refusal,
+    check_language_model,
+    collect,
+    completion_body,
+    completion_id,
+    error_body,
+    merged,
+    model_list,
+    model_reference,
+    now,
+    parse_completion_request,
+    parse_model_field,
+    server_error,
+    server_sent_events,
+    start_sequences,
+    unless_disconnected,
+)
 from serve.protocol import (
     BadRequest,
     InferRequest,
@@ -98,10 +124,12 @@ class V2Ingress:
         self._outcomes: List[Tuple[str, int, bool, float]] = []
         self._pending = 0
         self._metrics = IngressMetrics()
+        self._generation = GenerationMetrics()
         batch_metrics = BatchMetrics()
         self._models = ModelCache(
             self._weights_of, max_models=serve_cfg.max_models_per_replica,
             max_batch_size=serve_cfg.max_batch_size if serve_cfg.batching else 1, on_batch=batch_metrics.record,
+            generation=serve_cfg.generation, on_step=self._generation.record_step,
         )
         self._index: Tuple[float, List[Dict[str, Any]]] = (0.0, [])
         self._sync_task: Optional[asyncio.Task] = None
@@ -174,6 +202,69 @@ class V2Ingress:
               openapi_extra=infer_openapi_extra())
     async def version_infer(self, name: str, version: str, request: Request) -> Response:
         return await self._infer(name, version, request)
+
+    # -- OpenAI-compatible routes (scope "infer"; language models) --------------------------------
+    # Left out of /openapi.json: OpenAI's own API reference documents them, and their error body is
+    # OpenAI's, not the {"error": message} of the routes documented there.
+
+    @api.get("/v1/models", include_in_schema=False)
+    async def openai_models(self, request: Request) -> Response:
+        """Every language model, by name (`name:version` and `name@alias` are accepted in requests too)."""
+        try:
+            self._authorize(request, "infer")
+            return Response(orjson.dumps(model_list(await self._model_index())), media_type="application/json")
+        except BadRequest as err:
+            return self._openai_error(err)
+
+    @api.post("/v1/completions", include_in_schema=False)
+    async def completions(self, request: Request) -> Response:
+        """Text completions of a language model, whole or streamed as server-sent events (stream=true)."""
+        started = time.perf_counter()
+        name, served, status, timing, streamed = "unknown", None, 500, None, False
+        try:
+            self._authorize(request, "infer")
+            parsed = parse_completion_request(await self._openai_body(request))
+            name, served = await self._language_model(parsed.model)
+            timing = self._timing(name, served, started)
+            streams, prompt_tokens = await start_sequences(
+                await self._engine(name, served), parsed, self._cfg.generation,
+                retry_after_s=self._cfg.limits.retry_after_s)
+            if parsed.stream:
+                streamed = True  # the stream records itself when it ends
+                return self._stream(name, served, parsed, streams, prompt_tokens, timing, started)
+            choices = await unless_disconnected(collect(merged(streams), timing), request.is_disconnected)
+            status = 200
+            body = completion_body(id=completion_id(), created=now(), model=parsed.model, choices=choices,
+                                   prompt_tokens=prompt_tokens)
+            return Response(body, media_type="application/json", headers=self._served_headers(name, served))
+        except ClientGone:
+            status = 499  # nginx's "client closed request": nobody reads this answer
+            return Response(status_code=499)
+        except asyncio.CancelledError:  # Serve cancels a request whose client went away
+            status = 499
+            raise
+        except BadRequest as err:
+            status = err.status
+            return self._openai_error(err, self._served_headers(name, served))
+        except Exception as err:  # the model failed: a server fault, counted against its version
+            log.exception("completion failed for %s v%s", name, served)
+            return Response(orjson.dumps(server_error(err)), status_code=500, media_type="application/json",
+                            headers=self._served_headers(name, served))
+        finally:
+            if not streamed:
+                self._record(name, served, status, (time.perf_counter() - started) * 1000,
+                             judged_ms=timing.first_token_ms if timing else None)
+
+    @api.post("/v1/chat/completions", include_in_schema=False)
+    async def chat_completions(self, request: Request) -> Response:
+        """Chat needs the model's chat template, which no registry version carries yet: always a 4xx."""
+        try:
+            self._authorize(request, "infer")
+            model = parse_model_field(await self._openai_body(request))
+            name, served = await self._language_model(model)
+            raise chat_refusal(model, self._signatures[model_id(name, served)])
+        except BadRequest as err:
+            return self._openai_error(err)
 
     # -- admin routes (scope "admin") ----------------------------------------------------------
 
@@ -250,14 +341,17 @@ class V2Ingress:
         # characters no HTTP header can carry.
         return {} if served is None else {"X-Model-Name": name, "X-Model-Version": str(served)}
 
-    def _record(self, name: str, served: Optional[int], status: int, latency_ms: float) -> None:
+    def _record(self, name: str, served: Optional[int], status: int, latency_ms: float, *,
+                judged_ms: Optional[float] = None) -> None:
+        """Metrics of one request; its outcome for the rollback policy, judged on `judged_ms` (a
+        completion's time to first token) where given, else on its latency."""
         # Requests that named no servable version share one series: a client's made-up names must not
         # become metric tags (Ray refuses non-ASCII tags, and each would be a new series).
         self._metrics.record(name if served is not None else "unknown", served, status, latency_ms)
         if served is not None and status not in (401, 403):
             # Client mistakes say nothing about a version; 5xx (and 504 timeouts) count against it.
             if status < 400 or status >= 500:
-                self._outcomes.append((name, served, status < 500, latency_ms))
+                self._outcomes.append((name, served, status < 500, latency_ms if judged_ms is None else judged_ms))
 
     async def _run_limited(
         self, name: str, version: int, signature: Dict[str, Any], request: Request,
@@ -300,6 +394,56 @@ class V2Ingress:
     async def _run_model(self, name: str, version: int, parsed: InferRequest) -> Dict[str, np.ndarray]:
         loaded = await self._models.get(name, version)
         return await loaded.batcher.submit(parsed.inputs)
+
+    async def _openai_body(self, request: Request) -> bytes:
+        limit = self._cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise OpenAIError(413, f"body of {declared} bytes is larger than serve.limits.max_body_bytes={limit}")
+        body = await request.body()
+        if len(body) > limit:
+            raise OpenAIError(413, f"body of {len(body)} bytes is larger than serve.limits.max_body_bytes={limit}")
+        return body
+
+    async def _language_model(self, model: str) -> Tuple[str, int]:
+        """(name, version) a request's `model` names, routed as the v2 routes route it. Raises
+        OpenAIError 404 for an unknown model or version, 400 for one that is not a language model."""
+        name, ref = model_reference(model)
+        try:
+            served, signature = await (self._pick(name) if ref is None else self._resolve(name, ref))
+        except BadRequest as err:
+            if err.status != 404:
+                raise
+            raise OpenAIError(404, err.message, param="model") from None  # OpenAI names the field at fault
+        check_language_model(model, served, signature)
+        return name, served
+
+    async def _engine(self, name: str, version: int) -> GenerationEngine:
+        engine = (await self._models.get(name, version)).engine
+        if engine is None:  # a language model's signature, but loaded without an engine: a fault here
+            raise RuntimeError(f"{name} v{version} has no generation engine")
+        return engine
+
+    def _timing(self, name: str, served: int, started: float) -> Timing:
+        metrics = self._generation
+        return Timing(started, on_first=lambda ms: metrics.record_first_token(name, served, ms),
+                      on_tokens=lambda tokens, gap_ms: metrics.record_tokens(name, served, tokens, gap_ms))
+
+    def _stream(self, name: str, served: int, parsed: CompletionRequest, streams: List[Any], prompt_tokens: int,
+                timing: Timing, started: float) -> StreamingResponse:
+        def ended(status: int) -> None:
+            self._record(name, served, status, (time.perf_counter() - started) * 1000,
+                         judged_ms=timing.first_token_ms)
+
+        events = server_sent_events(merged(streams), timing, id=completion_id(), created=now(), model=parsed.model,
+                                    prompt_tokens=prompt_tokens, on_end=ended)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **self._served_headers(name, served)})
+
+    @staticmethod
+    def _openai_error(err: BadRequest, headers: Optional[Dict[str, str]] = None) -> Response:
+        return Response(orjson.dumps(error_body(err)), status_code=err.status, media_type="application/json",
+                        headers={**err.headers, **(headers or {})})
 
     async def _weights_of(self, name: str, version: int) -> Dict[str, Any]:
         return await self._controller.weights.remote(name, version)
@@ -362,3 +506,12 @@ class V2Ingress:
         replica = serve.get_replica_context().replica_id.unique_id
         return {"object_ref": loaded.ref_hex, "writeable": bool(first.flags.writeable), "version": loaded.version,
                 "replica": replica, "pid": os.getpid()}
+
+    async def generation_stats(self, name: str, version: int) -> Dict[str, Any]:
+        """{"running", "waiting", "replica"}: sequences of `name` v`version` in this replica's generation
+        engine now (zeros when the version is not loaded here)."""
+        loaded = self._models.find(name, version)
+        engine = loaded.engine if loaded is not None else None
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {"running": engine.running if engine else 0, "waiting": engine.waiting if engine else 0,
+                "replica": replica}

@@ -17,7 +17,8 @@ from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tu
 from orchestrator.config import RolloutConfig
 
 Outcome = Tuple[str, int, bool, float]
-"""(model, version, ok, latency_ms) of one infer request; ok is False for a 5xx or a timeout."""
+"""(model, version, ok, latency_ms) of one request; ok is False for a 5xx or a timeout. The latency of a
+completion is its time to first token."""
 
 
 class Decision(enum.Enum):
@@ -32,12 +33,14 @@ class Verdict:
 
 
 class RollbackPolicy:
-    """Judges a candidate on its requests in the window: too many failures or too slow a p99 -> ROLLBACK."""
+    """Judges a candidate on its requests in the window: too many failures or too slow a p99 -> ROLLBACK.
+    A classifier's p99 latency is held to `max_p99_ms`; a language model's p99 time to first token to
+    `max_p99_ttft_ms` (its v2 infer passes count as such: one prefill each)."""
 
     def __init__(self, cfg: RolloutConfig):
         self.cfg = cfg
 
-    def decide(self, outcomes: Sequence[Tuple[bool, float]]) -> Verdict:
+    def decide(self, outcomes: Sequence[Tuple[bool, float]], *, generator: bool = False) -> Verdict:
         if not self.cfg.auto_rollback or len(outcomes) < self.cfg.min_requests:
             return Verdict(Decision.KEEP, f"{len(outcomes)} requests, judged from {self.cfg.min_requests}")
         errors = sum(1 for ok, _ in outcomes if not ok)
@@ -46,10 +49,12 @@ class RollbackPolicy:
             return Verdict(Decision.ROLLBACK,
                            f"error rate {error_rate:.3f} over {len(outcomes)} requests > {self.cfg.max_error_rate}")
         p99 = percentile([latency for _, latency in outcomes], 99)
-        if p99 > self.cfg.max_p99_ms:
-            return Verdict(Decision.ROLLBACK,
-                           f"p99 latency {p99:.1f} ms over {len(outcomes)} requests > {self.cfg.max_p99_ms} ms")
-        return Verdict(Decision.KEEP, f"error rate {error_rate:.3f}, p99 {p99:.1f} ms over {len(outcomes)} requests")
+        limit = self.cfg.max_p99_ttft_ms if generator else self.cfg.max_p99_ms
+        what = "time to first token" if generator else "latency"
+        if p99 > limit:
+            return Verdict(Decision.ROLLBACK, f"p99 {what} {p99:.1f} ms over {len(outcomes)} requests > {limit} ms")
+        return Verdict(Decision.KEEP,
+                       f"error rate {error_rate:.3f}, p99 {what} {p99:.1f} ms over {len(outcomes)} requests")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -90,13 +95,16 @@ class RouteTable:
         self.events: List[dict] = []
         self._policy, self._clock = policy, clock
         self._windows: Dict[str, Deque[Tuple[float, bool, float]]] = {}
+        self._generators: Dict[str, bool] = {}
+        """model -> whether its candidate is a language model (judged on time to first token)."""
 
     def add(self, model: str, stable: int) -> None:
         if model not in self.routes:
             self.routes[model] = Route(stable=stable)
 
-    def start(self, model: str, candidate: int, percent: float) -> Route:
-        """Send `percent` of `model`'s traffic to `candidate` (replacing any other candidate)."""
+    def start(self, model: str, candidate: int, percent: float, *, generator: bool = False) -> Route:
+        """Send `percent` of `model`'s traffic to `candidate` (replacing any other candidate); `generator`:
+        the candidate is a language model."""
         route = self._route(model)
         if not 0 <= percent <= 100:
             raise RolloutError(f"percent must be in [0, 100], got {percent}")
@@ -105,6 +113,7 @@ class RouteTable:
         if route.candidate != candidate:
             self._windows[model] = collections.deque()  # a new candidate is judged afresh
         route.candidate, route.percent = candidate, float(percent)
+        self._generators[model] = generator
         self._log(model, "start", candidate=candidate, percent=percent)
         return route
 
@@ -145,7 +154,7 @@ class RouteTable:
     def status(self, model: str) -> dict:
         route = self._route(model)
         window = [(ok, latency) for _, ok, latency in self._windows.get(model, ())] if route.candidate else []
-        verdict = self._policy.decide(window)
+        verdict = self._policy.decide(window, generator=self._generators.get(model, False))
         return {"model": model, **asdict(route), "candidate_requests": len(window),
                 "candidate_errors": sum(1 for ok, _ in window if not ok), "verdict": verdict.reason,
                 "events": [e for e in self.events if e["model"] == model][-20:]}
@@ -157,7 +166,8 @@ class RouteTable:
         route = self.routes[model]
         if route.candidate is None:
             return None
-        verdict = self._policy.decide([(ok, latency) for _, ok, latency in window])
+        verdict = self._policy.decide([(ok, latency) for _, ok, latency in window],
+                                      generator=self._generators.get(model, False))
         if verdict.decision is not Decision.ROLLBACK:
             return None
         self.rollback(model, lambda _: None, reason=f"automatic: {verdict.reason}")
