@@ -7,10 +7,14 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import requests
 import torch
+from ray import serve
 from safetensors.torch import load_file
 
+from orchestrator.client import check_endpoint
 from orchestrator.config import (
     BuiltinModel,
     DataConfig,
@@ -23,14 +27,19 @@ from orchestrator.config import (
     RegistryConfig,
     ScheduleConfig,
     ScheduleKind,
+    ServeConfig,
     StorageConfig,
     TrackingConfig,
     TrainConfig,
 )
 from orchestrator.flows import register_run
 from orchestrator.registry import ModelRegistry
-from orchestrator.training.hf import resolve_model_path
+from orchestrator.training.hf import resolve_model_path, tokenizer_json
+from orchestrator.training.labeled_text import encode_texts, split_texts
 from orchestrator.training.loop import load_state, run_train
+from orchestrator.training.models import build_model
+from serve.deploy import run_deploy
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -127,3 +136,30 @@ def test_the_fine_tuned_model_registers_with_its_tokenizer_and_backbone(cached_r
     # The recorded config rebuilds the architecture without the folder.
     assert version.manifest["config"]["model"]["hf_config"]["num_hidden_layers"] == 6
     assert version.metrics["test_accuracy"] > 0.6
+
+
+def test_the_text_classifier_answers_bytes_over_the_v2_protocol(cached_run):
+    """The registered version (the previous test) served: one string per row, tokenized in the replica with the
+    version's tokenizer, gives the labels and probabilities the trained model gives in-process."""
+    cfg, result = cached_run
+    cfg = dataclasses.replace(cfg, serve=ServeConfig(port=free_port(), min_replicas=1, max_replicas=1))
+    info = result.data
+    texts, _ = split_texts(info, "val")
+    texts = texts[:8]
+    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    model.load_state_dict(load_state(cfg.storage.root, result.checkpoint_path)["model"])
+    ids, _ = encode_texts(tokenizer_json(""), texts, info.context)
+    with torch.no_grad():
+        local = torch.softmax(model.eval()(torch.from_numpy(ids.astype(np.int64))), dim=1).numpy()
+    deployed = run_deploy(cfg, "latest")
+    try:
+        answer = check_endpoint(deployed, np.array(texts, dtype=object), input_name="text")
+        outputs = {o["name"]: np.asarray(o["data"]) for o in answer["outputs"]}
+        assert outputs["label"].tolist() == local.argmax(axis=1).tolist()
+        np.testing.assert_allclose(outputs["probabilities"].reshape(local.shape), local, atol=1e-4)
+        # A string that is no text row of the signature (a number) is the client's mistake: 400, not 500.
+        bad = requests.post(f"{deployed.endpoint}/infer", headers={"Authorization": f"Bearer {deployed.api_key}"},
+                            json={"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
+        assert bad.status_code == 400, bad.text
+    finally:
+        serve.shutdown()
