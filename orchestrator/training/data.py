@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -113,12 +113,10 @@ def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
         )
     digest = _digest(features, labels, cfg)
     url = storage.join(root, "datasets", f"{_source_name(cfg.source)}-{digest[:12]}")
-    info_url = storage.join(url, "info.json")
-    if storage.exists(info_url):
+    earlier = prepared_earlier(url)
+    if earlier is not None:
         # The files do not depend on input_shape (only on how a model views a row): honour this call's.
-        info = replace(DatasetInfo(**json.loads(storage.read_bytes(info_url))), input_shape=input_shape)
-        say(f"data: {info.url} ({split_sizes(info)}), prepared earlier")
-        return info
+        return replace(earlier, input_shape=input_shape)
     splits = split_rows(labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     info = DatasetInfo(
         url=url, feature_columns=columns, label_column=label_column, input_shape=input_shape,
@@ -129,9 +127,26 @@ def prepare_dataset(cfg: DataConfig, root: str) -> DatasetInfo:
     for split, rows in splits.items():
         _write_parquet(info.split_url(split), features[rows], labels[rows], columns, label_column)
         written.advance()
-    storage.write_bytes_atomic(info_url, json.dumps(asdict(info), indent=2).encode())  # written last: marks it complete
+    mark_prepared(info)
     written.done(f"{split_sizes(info)} in {info.url}")
     return info
+
+
+def prepared_earlier(url: str) -> Optional[DatasetInfo]:
+    """The dataset an earlier call prepared in folder `url` (its info.json, written last, says it is complete),
+    or None."""
+    info_url = storage.join(url, "info.json")
+    if not storage.exists(info_url):
+        return None
+    info = DatasetInfo(**json.loads(storage.read_bytes(info_url)))
+    say(f"data: {info.url} ({split_sizes(info)}), prepared earlier")
+    return info
+
+
+def mark_prepared(info: DatasetInfo) -> None:
+    """Write `info` as the dataset folder's info.json: last, once every split is written, so it marks the
+    folder complete."""
+    storage.write_bytes_atomic(storage.join(info.url, "info.json"), json.dumps(asdict(info), indent=2).encode())
 
 
 def split_sizes(info: DatasetInfo) -> str:

@@ -22,7 +22,7 @@ import html
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.header import Header, decode_header
 from email.message import Message
@@ -35,7 +35,15 @@ import numpy as np
 from orchestrator.config import DataConfig, DataKind
 from orchestrator.progress import Progress, counted, say
 from orchestrator.registry import storage
-from orchestrator.training.data import DatasetInfo, _source_name, split_rows, split_sizes, stratified_order
+from orchestrator.training.data import (
+    DatasetInfo,
+    _source_name,
+    mark_prepared,
+    prepared_earlier,
+    split_rows,
+    split_sizes,
+    stratified_order,
+)
 
 SPAM_ASSASSIN = "spam_assassin"
 """`data.source` of the SpamAssassin emails."""
@@ -308,11 +316,9 @@ def prepare_labeled_text(cfg: DataConfig, root: str) -> DatasetInfo:
     digest = _digest(rows, spec, cfg)
     name = SPAM_ASSASSIN if cfg.source == SPAM_ASSASSIN else _source_name(cfg.source)
     url = storage.join(root, "datasets", f"{name}-{digest[:12]}")
-    info_url = storage.join(url, "info.json")
-    if storage.exists(info_url):
-        info = DatasetInfo(**json.loads(storage.read_bytes(info_url)))
-        say(f"data: {info.url} ({split_sizes(info)}), prepared earlier")
-        return info
+    earlier = prepared_earlier(url)
+    if earlier is not None:
+        return earlier
     ids, lengths = encode_texts(spec, rows.texts, cfg.context)
     say(f"data: {name}: {len(lengths)} texts, {np.median(lengths):.0f} tokens median, "
         f"{np.percentile(lengths, 90):.0f} p90; {100 * np.mean(lengths > cfg.context):.0f}% cut to {cfg.context}")
@@ -328,7 +334,7 @@ def prepare_labeled_text(cfg: DataConfig, root: str) -> DatasetInfo:
         _write_split(info.split_url(split), ids[members], rows.take(members))
         written.advance()
     storage.write_bytes_atomic(info.tokenizer_url, spec)
-    storage.write_bytes_atomic(info_url, json.dumps(asdict(info), indent=2).encode())  # written last: marks it complete
+    mark_prepared(info)
     written.done(f"{split_sizes(info)} in {info.url}")
     return info
 

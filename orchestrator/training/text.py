@@ -23,9 +23,15 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from orchestrator.config import DataConfig, TokenizerKind
-from orchestrator.progress import counted, polled, say
+from orchestrator.progress import counted, polled
 from orchestrator.registry import storage
-from orchestrator.training.data import SPLITS, DatasetInfo, configure_ray_data, split_sizes
+from orchestrator.training.data import (
+    SPLITS,
+    DatasetInfo,
+    configure_ray_data,
+    mark_prepared,
+    prepared_earlier,
+)
 
 PAD_ID = 0
 """Pads the last block of a document; a target equal to it is ignored by the loss."""
@@ -373,11 +379,9 @@ def prepare_text(cfg: DataConfig, root: str) -> DatasetInfo:
     documents = counted(read_documents(refs, cfg.text_column), "data: reading documents", len(refs), "documents")
     digest, sizes = _digest(documents, cfg)
     url = storage.join(root, "datasets", f"text-{digest[:12]}")
-    info_url = storage.join(url, "info.json")
-    if storage.exists(info_url):
-        info = DatasetInfo(**json.loads(storage.read_bytes(info_url)))
-        say(f"data: {url} ({split_sizes(info)}), prepared earlier")
-        return info
+    earlier = prepared_earlier(url)
+    if earlier is not None:
+        return earlier
     members = {s: [refs[i] for i in splits[s]] for s in SPLITS}
     tokenizer = _train_tokenizer(cfg, members["train"])
     storage.write_bytes_atomic(storage.join(url, "tokenizer.json"), tokenizer.spec)
@@ -403,7 +407,7 @@ def prepare_text(cfg: DataConfig, root: str) -> DatasetInfo:
         split_bytes={s: sum(sizes[i] for i in splits[s]) * (cfg.repeat if s == "train" else 1) for s in SPLITS},
         split_tokens=tokens, files={s: len(members[s]) for s in SPLITS}, baselines=baselines,
     )
-    storage.write_bytes_atomic(info_url, json.dumps(asdict(info), indent=2).encode())  # written last: marks it complete
+    mark_prepared(info)
     return info
 
 
