@@ -27,11 +27,12 @@ tokens/s is all completion tokens over the point's wall time.
 
 Time to first token is from sending the request (in-process: from `generate`) to the first chunk with text;
 inter-token latency is the gap between consecutive chunks with text (a chunk is one token unless the
-engine held bytes back). An error is a non-200 answer, a failed connection, a stream without its usage
-chunk or [DONE], or a completion of other than `--max-tokens` tokens. The client threads, the replica,
-HAProxy and Ray's daemons share this machine's cores; over each point the script reads the CPU time of this
-process, of the replica, of HAProxy and of the whole machine, per completion token. Prints one line per
-point, two Markdown tables, three greedy samples, the goal of issue 17 with its outcome, and a last JSON line.
+engine held bytes back, or the stream fell behind the engine and sent the tokens queued for it as one
+chunk). An error is a non-200 answer, a failed connection, a stream without its usage chunk or [DONE], or a
+completion of other than `--max-tokens` tokens. The client threads, the replica, HAProxy and Ray's daemons
+share this machine's cores; over each point the script reads the CPU time of this process, of the replica,
+of HAProxy and of the whole machine, per completion token. Prints one line per point, two Markdown tables,
+three greedy samples, the goal of issue 17 with its outcome, and a last JSON line.
 """
 
 from __future__ import annotations

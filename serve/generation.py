@@ -299,10 +299,15 @@ class GenerationStream(AsyncIterator[TokenEvent]):
     def __init__(self, engine: GenerationEngine, request: _Request):
         self._engine, self._request = engine, request
         self._done = False
+        self._error: Optional[BaseException] = None
+        """A failure queued behind events already joined into one (raised by the next call)."""
 
     async def __anext__(self) -> TokenEvent:
         if self._done:
             raise StopAsyncIteration
+        if self._error is not None:
+            self._done = True
+            raise self._error
         try:
             item = await self._request.events.get()
         except asyncio.CancelledError:  # the consumer went away (e.g. a client disconnect)
@@ -311,8 +316,25 @@ class GenerationStream(AsyncIterator[TokenEvent]):
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        item = self._with_queued(item)
         self._done = item.finish_reason is not None
         return item
+
+    def _with_queued(self, event: TokenEvent) -> TokenEvent:
+        """`event` joined with the events already queued behind it: a consumer that fell behind the engine
+        (a busy event loop, a slow client) catches up in one event, not one per token, as vLLM's streams do.
+        A failure queued behind them is raised by the next call."""
+        queue = self._request.events
+        texts, tokens = [event.text], list(event.token_ids)
+        while event.finish_reason is None and not queue.empty():
+            item = queue.get_nowait()
+            if isinstance(item, BaseException):
+                self._error = item
+                break
+            event = item
+            texts.append(event.text)
+            tokens.extend(event.token_ids)
+        return event if len(texts) == 1 else TokenEvent("".join(texts), tuple(tokens), event.finish_reason)
 
     async def aclose(self) -> None:
         self._cancel()

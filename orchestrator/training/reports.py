@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 from ray import tune
 from ray.train import UserCallback
 
 from orchestrator.progress import RunTally, epoch_line, first_error_line, say
+from orchestrator.training.sweep import CHECKPOINT_PATH_KEY
 from orchestrator.training.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 def shown_metrics(task: Task) -> List[str]:
@@ -39,11 +44,16 @@ class TrialProgress(tune.Callback):
     """
 
     def __init__(self, task: Task, *, metric: str, mode: str, planned: Callable[[Dict[str, Any]], int],
-                 sampled: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
+                 sampled: Callable[[Dict[str, Any]], Dict[str, Any]], runs: Optional[RunFollower] = None) -> None:
         self.metric, self.mode, self.shown = metric, mode, shown_metrics(task)
-        self.planned, self.sampled = planned, sampled
+        self.planned, self.sampled, self.runs = planned, sampled, runs
         self._tallies: Dict[str, RunTally] = {}
         self._planned: Dict[str, int] = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Tune pickles its callbacks into the experiment's state, and a restored sweep (resume=true) unpickles
+        # them after the queue actor of `runs` is gone with its driver: leave `runs` out.
+        return {**self.__dict__, "runs": None}
 
     def _epochs(self, trial: Any) -> int:
         if trial.trial_id not in self._planned:  # building a trial's config for every report would cost more
@@ -67,7 +77,12 @@ class TrialProgress(tune.Callback):
         tally.elapsed = float(result.get("time_total_s", time.monotonic() - tally.started))
         say(epoch_line(f"trial {trial.trial_id}", result, self._epochs(trial), self.shown, tally.elapsed))
 
+    def _close(self, trial: Any) -> None:
+        if self.runs is not None:  # the failures its Train run sent first; none after its end line
+            self.runs.close(f"trial {trial.trial_id}")
+
     def on_trial_complete(self, iteration: int, trials: List[Any], trial: Any, **info: Any) -> None:
+        self._close(trial)
         tally, planned = self._tally(trial), self._epochs(trial)
         how = "completed" if tally.epochs >= planned else "stopped early"
         say(f"[trial {trial.trial_id}] {how}: {tally.summary(self.metric, planned)}")
@@ -76,6 +91,7 @@ class TrialProgress(tune.Callback):
         say(f"[trial {trial.trial_id}] failed, retrying from its newest checkpoint: {_trial_error(trial)}")
 
     def on_trial_error(self, iteration: int, trials: List[Any], trial: Any, **info: Any) -> None:
+        self._close(trial)
         tally, planned = self._tally(trial), self._epochs(trial)
         where = f" (traceback: {trial.error_file})" if trial.error_file else ""
         say(f"[trial {trial.trial_id}] failed after {tally.summary(self.metric, planned)}: "
@@ -89,6 +105,20 @@ def _trial_error(trial: Any) -> str:
             return first_error_line(f.read().rsplit("Failure #", 1)[-1])
     except (OSError, TypeError):
         return "see Tune's error log above"
+
+
+class TrialReports(UserCallback):
+    """In the trial's Train controller: each report of rank 0 (with the path of its checkpoint, already on
+    storage, under CHECKPOINT_PATH_KEY) onto the trial's queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: List[Dict[str, Any]], checkpoint: Any) -> None:
+        report = dict(metrics[0])
+        if checkpoint is not None:
+            report[CHECKPOINT_PATH_KEY] = checkpoint.path
+        self.queue.put(report)
 
 
 class RunEvents(UserCallback):
@@ -135,12 +165,27 @@ class RunFollower:
     started: float = dataclasses.field(default_factory=time.monotonic)
     """When the block began: a run's elapsed time counts from here (its workers' start included)."""
     tallies: Dict[str, RunTally] = dataclasses.field(default_factory=dict)
+    drain: Callable[[], None] = lambda: None
+    """Prints the events already queued (set by `follow_runs`)."""
+    closed: Set[str] = dataclasses.field(default_factory=set)
+    """Runs whose end has been printed: what their worker groups send while shutting down is not shown."""
 
     def _tally(self, label: str) -> RunTally:
         return self.tallies.setdefault(label, RunTally(started=self.started))
 
+    def close(self, label: str) -> None:
+        """Print what run `label` has already sent, then ignore it: call just before printing its end, so a
+        failure it sent before ending shows above that line and a worker's health check failing as its
+        group shuts down (Ray Train reports those too) does not show as a failure after it."""
+        with contextlib.suppress(Exception):  # the queue actor gone: nothing more to print
+            self.drain()
+        self.closed.add(label)
+
     def show(self, event: Dict[str, Any]) -> None:
         label = event["run"]
+        if label in self.closed:
+            log.debug("after the end of %s: %s", label, event)
+            return
         tally = self._tally(label)
         report = event.get("report", {})
         if "epoch" in report:
@@ -170,12 +215,17 @@ def follow_runs(task: Task, *, metric: str = "", mode: str = "", planned: int = 
                            mode=mode or task.selection_mode, shown=shown_metrics(task), planned=planned)
     stop = threading.Event()
 
+    taking = threading.Lock()  # an event taken off the queue is shown before `close` can mark its run closed
+
     def drain(block: bool) -> None:
         while True:
-            try:
-                follower.show(queue.get(block=block, timeout=0.5 if block else None))
-            except Empty:
-                return
+            with taking:
+                try:
+                    follower.show(queue.get(block=block, timeout=0.5 if block else None))
+                except Empty:
+                    return
+
+    follower.drain = functools.partial(drain, False)
 
     def loop() -> None:
         with contextlib.suppress(Exception):  # the queue actor gone (Ray stopping): nothing more to print

@@ -1,9 +1,10 @@
 """Hyperparameter sweeps: Ray Tune over Ray Train.
 
 Ray 2.60 (Train V2) rejects `Tuner(TorchTrainer(...))`, so each trial is a Tune function
-trainable that builds and fits one TorchTrainer and forwards its reports to Tune through
-`TuneReportCallback`. The trial itself reserves a sliver of CPU; its Train workers reserve
-their own, so several trials of several workers share a small machine.
+trainable that builds and fits one TorchTrainer and forwards its reports to Tune (from the trial's
+own thread: `_run_trial` says why not through Ray's `TuneReportCallback`). The trial itself reserves
+a sliver of CPU; its Train workers reserve their own, so several trials of several workers share a
+small machine.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from orchestrator.config import PipelineConfig, flatten, iter_search_space, to_config
 from orchestrator.registry import storage
@@ -25,7 +27,9 @@ from orchestrator.training.tasks import get_task, reported_metrics
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # what TuneReportCallback adds to each report with a checkpoint
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+"""Where a trial's report names its checkpoint (the key Ray's own TuneReportCallback uses)."""
+
 
 
 @dataclass(kw_only=True)
@@ -78,20 +82,64 @@ def to_tune_space(space: Dict[str, Any]) -> Dict[str, Any]:
 def _run_trial(config: Dict[str, Any], base: PipelineConfig, info: DatasetInfo, datasets, sweep_name: str,
                events=None) -> None:
     """One Tune trial: fit one TorchTrainer with the sampled values and forward its reports (and, to
-    `events`, its workers' failures, which the driver prints)."""
+    `events`, its workers' failures, which the driver prints).
+
+    The reports reach Tune from this thread (`tune.report`, `_forward_reports`), not through Ray's
+    TuneReportCallback: that one hands each report to the trial's main thread, which can deadlock when the
+    run's last report and the end of this function arrive together (the main thread then waits to put the
+    report on a one-slot queue that only it empties; seen as sweeps hanging on 2026-12-02, Ray 2.60)."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
+
+    from orchestrator.training.reports import TrialReports
 
     trial_id = tune.get_context().get_trial_id()
     cfg = to_config(base, flatten(config))
-    callbacks = [TuneReportCallback()] + ([events.named(f"trial {trial_id}", reports=False)] if events else [])
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})  # one slot: the run waits for Tune, as ASHA needs
+    callbacks = [TrialReports(reports)] + ([events.named(f"trial {trial_id}", reports=False)] if events else [])
     trainer = build_trainer(
         cfg, info, run_name=trial_id, group=sweep_name, storage_subdir=f"ray_results/{sweep_name}/trials",
         datasets=datasets, callbacks=callbacks,
     )
-    result = trainer.fit()
+    try:
+        result = _forward_reports(trainer.fit, reports, tune.report)
+    finally:
+        reports.shutdown()
     if result.error is not None:
         raise result.error
+
+
+def _forward_reports(fit: Callable[[], Any], queue: Any, report: Callable[[Dict[str, Any]], None]) -> Any:
+    """Run `fit` in a thread and `report` what its run puts on `queue`, in order, from this thread; then
+    `fit`'s result (or its exception). Every put has returned once `fit` has, so a last drain misses nothing."""
+    from ray.util.queue import Empty
+
+    outcome: Dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as error:  # noqa: BLE001 - raised again in the trial's thread below
+            outcome["error"] = error
+
+    fitting = threading.Thread(target=run, name="trial-fit", daemon=True)
+    fitting.start()
+    while True:
+        try:
+            report(queue.get(timeout=0.5))
+            continue
+        except Empty:
+            pass
+        if not fitting.is_alive():
+            break
+    while True:  # what the run reported between the last wait and its end
+        try:
+            report(queue.get_nowait())
+        except Empty:
+            break
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _scheduler(cfg: PipelineConfig):
@@ -155,7 +203,7 @@ def run_sweep(cfg: PipelineConfig, info: Optional[DatasetInfo] = None) -> SweepR
     name = run_name_for(cfg, "sweep")
     # Worker failures that a trial's Train run retries by itself reach the driver through this queue.
     with follow_runs(get_task(cfg.task.name), metric=cfg.tune.metric, mode=cfg.tune.mode) as runs:
-        grid = _tuner(cfg, info, name, runs.events).fit()
+        grid = _tuner(cfg, info, name, runs).fit()
     result = _summarize(grid, cfg, name, info)
     mark_done(
         cfg.storage.root, name, {"best_trial": result.best_trial_id, "best_checkpoint": result.best.checkpoint_path}
@@ -163,15 +211,16 @@ def run_sweep(cfg: PipelineConfig, info: Optional[DatasetInfo] = None) -> SweepR
     return result
 
 
-def _tuner(cfg: PipelineConfig, info: DatasetInfo, name: str, events):
-    """The Tuner of sweep `name`: new, or with `cfg.resume` the restored unfinished one."""
+def _tuner(cfg: PipelineConfig, info: DatasetInfo, name: str, runs):
+    """The Tuner of sweep `name`: new, or with `cfg.resume` the restored unfinished one. Its trials' Train
+    runs send their workers' failures to `runs` (a RunFollower)."""
     from ray import tune
 
     from orchestrator.training.reports import TrialProgress
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg, info=info, datasets=ray_datasets(info), sweep_name=name,
-                             events=events),
+                             events=runs.events),
         {"cpu": cfg.tune.trial_cpus},
     )
     fs, path = storage.pyarrow_filesystem(storage.join(cfg.storage.root, "ray_results"))
@@ -181,7 +230,7 @@ def _tuner(cfg: PipelineConfig, info: DatasetInfo, name: str, events):
             experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
         )
     progress = TrialProgress(get_task(cfg.task.name), metric=cfg.tune.metric, mode=cfg.tune.mode,
-                             planned=functools.partial(trial_epochs, cfg), sampled=flatten)
+                             planned=functools.partial(trial_epochs, cfg), sampled=flatten, runs=runs)
     return tune.Tuner(
         trainable,
         param_space=to_tune_space(cfg.tune.search_space),

@@ -1,5 +1,5 @@
 """Faults a real cluster has, on a real local Ray: a training worker SIGKILLed at random steps and a
-Tune trial's process SIGKILLed mid-sweep. Each kill is repeated three times at random moments.
+Tune trial's process SIGKILLed mid-sweep. Each kill is repeated twice at random moments.
 
 What the runs must show: the full epoch and step count, and no work lost beyond the epoch that was
 running at the kill (each restart resumes from the newest complete checkpoint on storage).
@@ -32,7 +32,7 @@ from tests.support import newest_epochs, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
-KILLS = 3
+KILLS = 2
 EPOCHS = 10
 
 
@@ -49,13 +49,21 @@ def _cfg(tmp_path: Path, epochs: int = EPOCHS, **kw) -> PipelineConfig:
 
 
 def _alive_pids(match: Callable[[str], bool]) -> List[int]:
-    from ray.util.state import list_actors
+    """Pids of the live Ray actor processes whose class name `match`es (the tier's Ray is the only one here).
 
-    return [
-        a.pid
-        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-        if match(a.class_name) and a.pid
-    ]
+    Read from the process titles Ray sets (`ray::<Class>` or `ray::<Class>.<method>`), not the state API: a
+    poll every 50 ms is then cheap, and once (2026-12-02) the state API listed no trial for the whole run."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
+        except OSError:  # gone meanwhile
+            continue
+        if title.startswith("ray::") and match(title[len("ray::"):].split(".")[0].strip()):
+            pids.append(int(entry))
+    return pids
 
 
 def _newest_epoch(root: Path, pattern: str) -> int:
@@ -139,7 +147,7 @@ def _is_trial(class_name: str) -> bool:
     return class_name in ("ImplicitFunc", "_run_trial") or class_name.endswith("_run_trial")
 
 
-def test_killed_tune_trials_are_retried_and_finish(ray_cluster, tmp_path):
+def test_killed_tune_trials_are_retried_and_finish(idle_ray, tmp_path):
     cfg = _cfg(tmp_path, tune=TuneConfig(
         scheduler=TuneScheduler.fifo, num_samples=1, max_concurrent_trials=2, max_failures=KILLS,
         search_space={"train": {"lr": ["grid", 0.002, 0.004]}},

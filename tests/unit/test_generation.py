@@ -107,8 +107,27 @@ def test_engine_greedy_equals_full_recompute_alone_and_joining_at_different_step
     assert alone == [want[:GREEDY.max_tokens] for want in expected[:2]]  # greedy: a shorter run is a prefix
     for (text, tokens, events), want in zip(together, expected):
         assert tokens == want  # max_tokens exactly, token for token the full recompute's
-        assert [e.finish_reason for e in events] == [None] * (len(want) - 1) + ["length"]
+        assert [e.finish_reason for e in events] == [None] * (len(events) - 1) + ["length"]
         assert text == _text(want)
+
+
+def test_a_consumer_that_falls_behind_catches_up_in_one_event_with_every_token():
+    expected = full_recompute_greedy(MODEL, _ids("hello"), 30)
+
+    async def main():
+        engine = GenerationEngine(MODEL, TOKENIZER, max_running=2)
+        stream = engine.generate(_ids("hello"), SamplingParams(max_tokens=30, temperature=0))
+        first = await stream.__anext__()
+        while engine.running:  # the engine runs on; this consumer reads nothing until it has finished
+            await asyncio.sleep(0.001)
+        rest = [event async for event in stream]
+        engine.close()
+        return first, rest
+
+    first, rest = _run(main())
+    assert len(rest) == 1 and rest[0].finish_reason == "length"  # 29 queued events, delivered as one
+    assert [*first.token_ids, *rest[0].token_ids] == expected
+    assert first.text + rest[0].text == _text(expected)
 
 
 def test_bf16_engine_equals_bf16_full_recompute():

@@ -85,3 +85,76 @@ def test_on_a_terminal_progress_redraws_one_line_with_a_bar():
 def test_counted_passes_items_through_and_reports_their_number(capsys):
     assert list(counted(iter("abc"), "data: letters", 3, "letters")) == ["a", "b", "c"]
     assert capsys.readouterr().out.startswith("data: letters: 3/3 letters (100%)")
+
+
+def test_a_closed_run_prints_what_it_sent_before_and_nothing_after(capsys):
+    from orchestrator.training.reports import RunEvents, RunFollower
+
+    queued = [{"run": "trial a", "errors": {0: "RuntimeError: injected failure"}}]
+    follower = RunFollower(events=RunEvents(None), metric="val_accuracy", mode="max", shown=["val_accuracy"])
+
+    def drain() -> None:
+        while queued:
+            follower.show(queued.pop())
+
+    follower.drain = drain
+    follower.close("trial a")  # as its end line is about to print: the failure it sent first shows above it
+    # Its workers' health checks failing as the group shuts down do not show after its end; another run's do.
+    follower.show({"run": "trial a", "errors": {0: "WorkerHealthCheckFailedError: A worker health check failed."}})
+    follower.show({"run": "trial b", "errors": {1: "RuntimeError: boom"}})
+    assert capsys.readouterr().out.splitlines() == [
+        "[trial a] worker rank 0 failed: RuntimeError: injected failure",
+        "[trial b] worker rank 1 failed: RuntimeError: boom",
+    ]
+
+
+class _SlotQueue:
+    """ray.util.queue.Queue's get/get_nowait/put over a local one-slot queue (this test has no Ray)."""
+
+    def __init__(self):
+        import queue
+
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+
+    def put(self, item):
+        self._queue.put(item)
+
+    def get(self, timeout=None):
+        import queue
+
+        from ray.util.queue import Empty
+
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise Empty from None
+
+    def get_nowait(self):
+        return self.get(timeout=0.001)
+
+
+def test_a_trials_reports_reach_tune_in_order_up_to_the_one_just_before_its_end():
+    import time
+
+    from orchestrator.training.sweep import _forward_reports
+
+    reports = _SlotQueue()
+
+    def fit():
+        for epoch in range(1, 4):
+            time.sleep(0.6 if epoch == 2 else 0)  # one report after a wait longer than a poll
+            reports.put({"epoch": epoch})
+        return "result"  # right after the last put: the case Ray's TuneReportCallback can deadlock on
+
+    seen: list = []
+    assert _forward_reports(fit, reports, seen.append) == "result"
+    assert seen == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+
+    def failing():
+        reports.put({"epoch": 1})
+        raise RuntimeError("worker died")
+
+    seen.clear()
+    with pytest.raises(RuntimeError, match="worker died"):
+        _forward_reports(failing, reports, seen.append)
+    assert seen == [{"epoch": 1}]
