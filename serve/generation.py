@@ -415,6 +415,8 @@ class GenerationEngine:
         self._task: Optional[asyncio.Task] = None
         self._work = asyncio.Event()
         self._closed = False
+        self.cut_short = 0
+        """Sequences that left before their end because their stream was closed (a client that went away)."""
 
     @property
     def context(self) -> int:
@@ -519,6 +521,7 @@ class GenerationEngine:
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._batch.requests if r.cancelled]:
             self._batch.drop(request)
+            self.cut_short += 1
 
     async def _run(self, work: Callable[..., Delivery], *args: Any) -> None:
         """`work` in a worker thread, then its events to their streams; a failed pass fails every running request."""

@@ -508,10 +508,11 @@ class V2Ingress:
                 "replica": replica, "pid": os.getpid()}
 
     async def generation_stats(self, name: str, version: int) -> Dict[str, Any]:
-        """{"running", "waiting", "replica"}: sequences of `name` v`version` in this replica's generation
-        engine now (zeros when the version is not loaded here)."""
+        """{"running", "waiting", "cut_short", "replica"}: sequences of `name` v`version` in this replica's
+        generation engine now, and how many left it before their end because their client went away (zeros
+        when the version is not loaded here)."""
         loaded = self._models.find(name, version)
         engine = loaded.engine if loaded is not None else None
         replica = serve.get_replica_context().replica_id.unique_id
         return {"running": engine.running if engine else 0, "waiting": engine.waiting if engine else 0,
-                "replica": replica}
+                "cut_short": engine.cut_short if engine else 0, "replica": replica}

@@ -248,10 +248,11 @@ def test_closing_a_stream_frees_its_slot_and_the_others_go_on():
         freed_early = not kept.done()
         result = await kept
         engine.close()
-        return freed_early, result[1]
+        return freed_early, result[1], engine.cut_short
 
-    freed_early, tokens = _run(main())
+    freed_early, tokens, cut_short = _run(main())
     assert freed_early and tokens == expected
+    assert cut_short == 2  # the closed and the cancelled stream; the kept one ran to its end
 
 
 def test_bad_requests_fail_at_once_and_a_full_queue_raises_engine_full():
