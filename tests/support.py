@@ -100,20 +100,3 @@ def newest_epochs(root: Path, pattern: str) -> Dict[Path, int]:
     url = f"file://{root}"
     return {run: max((c.epoch for c in complete_checkpoints(url, str(run))), default=0) for run in root.glob(pattern)}
 
-
-def wait_for_free_cpus(timeout_s: float = 120) -> None:
-    """Return once every logical CPU of the connected Ray is free again: what earlier tests stopped (trials
-    ASHA ended, their Train workers) may still be going away, and a sweep whose trials cannot all be placed
-    waits on them. Fails after `timeout_s` naming the actors still alive, instead of a sweep hanging silently."""
-    import pytest
-    import ray
-    from ray.util.state import list_actors
-
-    total = ray.cluster_resources().get("CPU", 0)
-    deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < total - 1e-6:
-        if time.monotonic() > deadline:
-            alive = sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
-            pytest.fail(f"{ray.available_resources().get('CPU', 0):g} of {total:g} CPUs free after {timeout_s:g} s; "
-                        f"alive actors: {alive}")
-        time.sleep(0.5)

@@ -31,7 +31,6 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"
 """Where a trial's report names its checkpoint (the key Ray's own TuneReportCallback uses)."""
 
 
-
 @dataclass(kw_only=True)
 class TrialSummary:
     trial_id: str
@@ -125,18 +124,12 @@ def _forward_reports(fit: Callable[[], Any], queue: Any, report: Callable[[Dict[
     fitting = threading.Thread(target=run, name="trial-fit", daemon=True)
     fitting.start()
     while True:
+        running = fitting.is_alive()  # read before the get: once False, the queue holds all that is left
         try:
-            report(queue.get(timeout=0.5))
-            continue
+            report(queue.get(block=running, timeout=0.5 if running else None))
         except Empty:
-            pass
-        if not fitting.is_alive():
-            break
-    while True:  # what the run reported between the last wait and its end
-        try:
-            report(queue.get_nowait())
-        except Empty:
-            break
+            if not running:
+                break
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

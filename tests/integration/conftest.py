@@ -9,7 +9,7 @@ import pytest
 from orchestrator.config import PipelineConfig
 from orchestrator.flows import connected
 from tests.s3_server import S3Server, running_s3_server
-from tests.support import REPO, wait_for_free_cpus
+from tests.support import REPO
 
 
 @pytest.fixture(scope="package")
@@ -44,9 +44,3 @@ def ray_cluster(s3_server):
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = before
-
-
-@pytest.fixture
-def idle_ray(ray_cluster):
-    """The tier's Ray with every CPU free (tests.support.wait_for_free_cpus): for tests that start a sweep."""
-    wait_for_free_cpus()

@@ -147,7 +147,7 @@ def _is_trial(class_name: str) -> bool:
     return class_name in ("ImplicitFunc", "_run_trial") or class_name.endswith("_run_trial")
 
 
-def test_killed_tune_trials_are_retried_and_finish(idle_ray, tmp_path):
+def test_killed_tune_trials_are_retried_and_finish(ray_cluster, tmp_path):
     cfg = _cfg(tmp_path, tune=TuneConfig(
         scheduler=TuneScheduler.fifo, num_samples=1, max_concurrent_trials=2, max_failures=KILLS,
         search_space={"train": {"lr": ["grid", 0.002, 0.004]}},

@@ -34,7 +34,7 @@ def _lines(text: str, label: str) -> list:
     return [line for line in text.splitlines() if line.startswith(f"[{label}]")]
 
 
-def test_a_sweep_prints_each_epoch_a_retried_worker_failure_and_the_trial_summary(idle_ray, tmp_path, capsys):
+def test_a_sweep_prints_each_epoch_a_retried_worker_failure_and_the_trial_summary(ray_cluster, tmp_path, capsys):
     sweep = run_sweep(_cfg(tmp_path, tmp_path / "crashed", max_failures=1))
     out = capsys.readouterr().out
     (trial,) = sweep.trials

@@ -21,14 +21,12 @@ from orchestrator.flows import register_sweep
 from orchestrator.registry import ModelRegistry
 from orchestrator.registry.curves import CURVES_FILE
 from orchestrator.training.sweep import run_sweep
-from tests.support import wait_for_free_cpus
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def sweep_and_root(ray_cluster, tmp_path_factory):
-    wait_for_free_cpus()
     root = tmp_path_factory.mktemp("sweep")
     cfg = PipelineConfig(
         storage=StorageConfig(root=f"file://{root}"),
@@ -87,7 +85,7 @@ def test_one_offline_wandb_run_per_trial(sweep_and_root):
     assert len(runs) == len(sweep.trials), "expected exactly one (rank 0) run per trial"
 
 
-def test_schedule_boundaries_and_decay_are_swept_like_any_hyperparameter(idle_ray, tmp_path):
+def test_schedule_boundaries_and_decay_are_swept_like_any_hyperparameter(ray_cluster, tmp_path):
     cfg = PipelineConfig(
         storage=StorageConfig(root=f"file://{tmp_path}"),
         tracking=TrackingConfig(enabled=False),

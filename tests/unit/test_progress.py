@@ -109,7 +109,7 @@ def test_a_closed_run_prints_what_it_sent_before_and_nothing_after(capsys):
 
 
 class _SlotQueue:
-    """ray.util.queue.Queue's get/get_nowait/put over a local one-slot queue (this test has no Ray)."""
+    """ray.util.queue.Queue's get/put over a local one-slot queue (this test has no Ray)."""
 
     def __init__(self):
         import queue
@@ -119,18 +119,15 @@ class _SlotQueue:
     def put(self, item):
         self._queue.put(item)
 
-    def get(self, timeout=None):
+    def get(self, block=True, timeout=None):
         import queue
 
         from ray.util.queue import Empty
 
         try:
-            return self._queue.get(timeout=timeout)
+            return self._queue.get(block=block, timeout=timeout)
         except queue.Empty:
             raise Empty from None
-
-    def get_nowait(self):
-        return self.get(timeout=0.001)
 
 
 def test_a_trials_reports_reach_tune_in_order_up_to_the_one_just_before_its_end():
